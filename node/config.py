@@ -1,0 +1,277 @@
+"""Configuration: a TOML file → validated, typed, immutable settings.
+
+Every problem is reported as one `ConfigError` whose message names the file and
+the dotted key (``node.port``, ``destinations[1].ae_title``), so that
+`telenode serve` can print it and exit with status 2. Relative paths resolve
+against the folder of the config file, not the working directory.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+#: PS3.15 Annex E options, as named in ``[anonymization] profile_options``.
+PROFILE_OPTIONS: tuple[str, ...] = (
+    "retain_safe_private",
+    "retain_uids",
+    "retain_device_identity",
+    "retain_institution_identity",
+    "retain_patient_characteristics",
+    "retain_long_full_dates",
+    "retain_long_modified_dates",
+    "clean_descriptors",
+    "clean_structured_content",
+    "clean_graphics",
+)
+
+
+class ConfigError(Exception):
+    """A configuration problem; the message names the file and the key."""
+
+
+@dataclass(frozen=True)
+class Destination:
+    """One remote C-STORE SCP that receives the anonymized instances."""
+
+    name: str
+    ae_title: str
+    host: str
+    port: int
+    connect_timeout: float = 10.0
+    acse_timeout: float = 30.0
+    dimse_timeout: float = 120.0
+    network_timeout: float = 120.0
+    max_pdu: int = 131072
+    batch_size: int = 200
+    retry_delay: float = 5.0
+    retry_multiplier: float = 2.0
+    max_retry_delay: float = 300.0
+    max_failures: int = 3
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The whole validated configuration of one node."""
+
+    path: Path
+    ae_title: str
+    host: str
+    port: int
+    data_dir: Path
+    allowed_calling_aets: tuple[str, ...]
+    organization: str
+    key_file: Path
+    destinations: tuple[Destination, ...]
+    profile_options: tuple[str, ...] = ()
+    max_associations: int = 64
+    acse_timeout: float = 30.0
+    dimse_timeout: float = 120.0
+    network_timeout: float = 120.0
+    max_pdu: int = 131072
+    log_format: str = "auto"
+    log_level: str = "info"
+
+    @property
+    def database(self) -> Path:
+        return self.data_dir / "telenode.sqlite"
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.data_dir / "spool"
+
+
+# A key's spec: (type(s) accepted, default or REQUIRED, extra check returning an error or None).
+REQUIRED = object()
+Check = Callable[[Any], str | None]
+
+
+def _ae(value: str) -> str | None:
+    if not value.strip() or len(value) > 16 or "\\" in value or not value.isascii():
+        return "must be 1 to 16 ASCII characters without backslash (an AE title)"
+    return None
+
+
+def _port(value: int) -> str | None:
+    return None if 1 <= value <= 65535 else "must be a TCP port between 1 and 65535"
+
+
+def _positive(value: float) -> str | None:
+    return None if value > 0 else "must be greater than zero"
+
+
+def _pdu(value: int) -> str | None:
+    return None if value == 0 or 4096 <= value <= 2**32 - 1 else "must be 0 (unlimited) or at least 4096"
+
+
+def _one_of(*choices: str) -> Check:
+    return lambda value: None if value in choices else f"must be one of {', '.join(choices)}"
+
+
+def _aets(values: list) -> str | None:
+    bad = [v for v in values if not isinstance(v, str) or _ae(v)]
+    return f"holds values that are not AE titles: {bad!r}" if bad else None
+
+
+def _options(values: list) -> str | None:
+    unknown = [v for v in values if v not in PROFILE_OPTIONS]
+    if unknown:
+        return f"unknown option(s) {unknown!r}; known: {', '.join(PROFILE_OPTIONS)}"
+    if {"retain_long_full_dates", "retain_long_modified_dates"} <= set(values):
+        return "retain_long_full_dates and retain_long_modified_dates exclude each other (PS3.15 E.3.6)"
+    return None
+
+
+def _organization(value: str) -> str | None:
+    if not value or len(value) > 40 or not all(c.isalnum() or c in "-_" for c in value) or not value.isascii():
+        return "must be 1 to 40 ASCII letters, digits, '-' or '_' (it prefixes pseudonymous PatientIDs)"
+    return None
+
+
+NUMBER = (int, float)
+NODE_KEYS: dict[str, tuple[Any, Any, Check | None]] = {
+    "ae_title": (str, "TELENODE", _ae),
+    "host": (str, "0.0.0.0", None),
+    "port": (int, 11112, _port),
+    "data_dir": (str, "var", None),
+    "allowed_calling_aets": (list, [], _aets),
+    "max_associations": (int, 64, _positive),
+    "acse_timeout": (NUMBER, 30.0, _positive),
+    "dimse_timeout": (NUMBER, 120.0, _positive),
+    "network_timeout": (NUMBER, 120.0, _positive),
+    "max_pdu": (int, 131072, _pdu),
+    "log_format": (str, "auto", _one_of("auto", "json", "console")),
+    "log_level": (str, "info", _one_of("debug", "info", "warning", "error")),
+}
+ANON_KEYS: dict[str, tuple[Any, Any, Check | None]] = {
+    "profile_options": (list, [], _options),
+    "organization": (str, "ORG", _organization),
+    "key_file": (str, "var/pseudonym.key", None),
+}
+DEST_KEYS: dict[str, tuple[Any, Any, Check | None]] = {
+    "name": (str, REQUIRED, lambda v: None if v.strip() else "must not be empty"),
+    "ae_title": (str, REQUIRED, _ae),
+    "host": (str, REQUIRED, lambda v: None if v.strip() else "must not be empty"),
+    "port": (int, REQUIRED, _port),
+    "connect_timeout": (NUMBER, 10.0, _positive),
+    "acse_timeout": (NUMBER, 30.0, _positive),
+    "dimse_timeout": (NUMBER, 120.0, _positive),
+    "network_timeout": (NUMBER, 120.0, _positive),
+    "max_pdu": (int, 131072, _pdu),
+    "batch_size": (int, 200, _positive),
+    "retry_delay": (NUMBER, 5.0, _positive),
+    "retry_multiplier": (NUMBER, 2.0, lambda v: None if v >= 1 else "must be at least 1"),
+    "max_retry_delay": (NUMBER, 300.0, _positive),
+    "max_failures": (int, 3, _positive),
+}
+TYPE_NAMES = {str: "a string", int: "an integer", list: "a list", NUMBER: "a number", dict: "a table"}
+
+
+def _section(path: Path, name: str, raw: Any, spec: dict) -> dict[str, Any]:
+    """Validate one TOML table against its spec; return values with defaults filled in."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: {name} must be a table")
+    for key in raw:
+        if key not in spec:
+            raise ConfigError(f"{path}: {name}.{key}: unknown key (known: {', '.join(spec)})")
+    values: dict[str, Any] = {}
+    for key, (kind, default, check) in spec.items():
+        dotted = f"{name}.{key}"
+        if key not in raw:
+            if default is REQUIRED:
+                raise ConfigError(f"{path}: {dotted}: required key is missing")
+            values[key] = default
+            continue
+        value = raw[key]
+        if isinstance(value, bool) or not isinstance(value, kind):
+            raise ConfigError(f"{path}: {dotted}: must be {TYPE_NAMES[kind]}, not {type(value).__name__}")
+        problem = check(value) if check else None
+        if problem:
+            raise ConfigError(f"{path}: {dotted}: {problem}")
+        values[key] = value
+    return values
+
+
+def _resolve(base: Path, value: str) -> Path:
+    candidate = Path(os.path.expanduser(value))
+    return candidate if candidate.is_absolute() else (base / candidate).resolve()
+
+
+def _check_key_file(path: Path, key_file: Path) -> None:
+    """A key file that exists must be a readable regular file; a missing one is created at start."""
+    if not key_file.exists():
+        if not key_file.parent.exists() and not key_file.parent.parent.exists():
+            raise ConfigError(f"{path}: anonymization.key_file: folder {key_file.parent} does not exist")
+        return
+    if not key_file.is_file():
+        raise ConfigError(f"{path}: anonymization.key_file: {key_file} is not a regular file")
+    try:
+        with open(key_file, "rb") as handle:
+            handle.read(1)
+    except OSError as exc:
+        raise ConfigError(f"{path}: anonymization.key_file: cannot read {key_file} ({exc.strerror})") from None
+
+
+def load(path: str | os.PathLike[str]) -> Settings:
+    """Read and validate a TOML config file; raise ConfigError naming file and key."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as handle:
+            raw = tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config file ({exc.strerror})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML ({exc})") from None
+    known = {"node", "anonymization", "destinations"}
+    for key in raw:
+        if key not in known:
+            raise ConfigError(f"{path}: {key}: unknown section (known: {', '.join(sorted(known))})")
+    base = path.resolve().parent
+    node = _section(path, "node", raw.get("node", {}), NODE_KEYS)
+    anon = _section(path, "anonymization", raw.get("anonymization", {}), ANON_KEYS)
+    destinations = _destinations(path, raw.get("destinations"))
+    key_file = _resolve(base, anon["key_file"])
+    _check_key_file(path, key_file)
+    return Settings(
+        path=path.resolve(),
+        ae_title=node["ae_title"],
+        host=node["host"],
+        port=node["port"],
+        data_dir=_resolve(base, node["data_dir"]),
+        allowed_calling_aets=tuple(node["allowed_calling_aets"]),
+        organization=anon["organization"],
+        key_file=key_file,
+        destinations=destinations,
+        profile_options=tuple(anon["profile_options"]),
+        max_associations=node["max_associations"],
+        acse_timeout=float(node["acse_timeout"]),
+        dimse_timeout=float(node["dimse_timeout"]),
+        network_timeout=float(node["network_timeout"]),
+        max_pdu=node["max_pdu"],
+        log_format=node["log_format"],
+        log_level=node["log_level"],
+    )
+
+
+def _destinations(path: Path, raw: Any) -> tuple[Destination, ...]:
+    if raw is None or raw == []:
+        raise ConfigError(f"{path}: destinations: at least one [[destinations]] table is required")
+    if not isinstance(raw, list):
+        raise ConfigError(f"{path}: destinations: must be an array of tables ([[destinations]])")
+    result = []
+    for index, item in enumerate(raw):
+        values = _section(path, f"destinations[{index}]", item, DEST_KEYS)
+        for key in ("connect_timeout", "acse_timeout", "dimse_timeout", "network_timeout",
+                    "retry_delay", "retry_multiplier", "max_retry_delay"):
+            values[key] = float(values[key])
+        result.append(Destination(**values))
+    names = [d.name for d in result]
+    for index, name in enumerate(names):
+        if names.index(name) != index:
+            raise ConfigError(f"{path}: destinations[{index}].name: duplicate destination name {name!r}")
+    return tuple(result)
