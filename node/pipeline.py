@@ -1,0 +1,205 @@
+"""One instance's way from received bytes to a durable, de-identified file.
+
+decode → de-identify (PS3.15 Annex E) → spool (write, fsync, rename) → record
+mappings and queue rows (one SQLite commit) → DICOM status. The SCP answers
+Success only with the status this module returns, so Success always means the
+anonymized instance and its queue rows are on disk. The same decode and
+de-identify steps serve `telenode anonymize` for files.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Callable, Sequence
+
+import pydicom
+from pydicom.dataelem import RawDataElement
+from pydicom.dataset import FileDataset
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
+
+from node import log
+from node.deid import DeidError, Deidentifier
+from node.deid.record import DeidRecord
+from node.spool import Spool
+from node.store import Store
+
+# Values never leave through warnings: pydicom's validation warnings quote element values.
+pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+
+# C-STORE response statuses (PS3.4 Table GG.4-1 / B.2-1).
+SUCCESS = 0x0000
+OUT_OF_RESOURCES = 0xA700  # refused: disk full, database unavailable; the sender may retry
+DATASET_MISMATCH = 0xA900  # error: data set does not match SOP class (no SOP UIDs)
+CANNOT_UNDERSTAND = 0xC210  # error: cannot parse the data set
+CANNOT_DEIDENTIFY = 0xC220  # error: cannot de-identify with certainty; never forwarded
+
+#: C-STORE Priority (0 MEDIUM, 1 HIGH, 2 LOW) → queue priority (higher goes first).
+QUEUE_PRIORITY = {0: 0, 1: 1, 2: -1}
+
+UNDEFINED_LENGTH = 0xFFFFFFFF
+
+# Values larger than this stay in the file until written back (pixel data is never decoded).
+DEFER_SIZE = 256 * 1024
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """The DICOM status for one instance, a comment for the sender, and the pseudonymous UID."""
+
+    status: int
+    comment: str = ""
+    sop_instance_uid: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.status == SUCCESS
+
+
+class Rejected(Exception):
+    """An instance the node refuses; carries the DICOM status to answer."""
+
+    def __init__(self, status: int, comment: str) -> None:
+        super().__init__(comment)
+        self.status = status
+        self.comment = comment
+
+
+def read(path: str | os.PathLike[str]) -> FileDataset:
+    """Parse a Part 10 file without decoding large values; raise Rejected if it can't be understood.
+
+    pydicom accepts an element whose length claims more bytes than the file
+    holds (it reads short or seeks past the end); such a data set is truncated
+    or hostile, so it is refused here rather than written out shortened.
+    """
+    try:
+        with open(path, "rb") as handle:
+            ds = pydicom.dcmread(handle, defer_size=DEFER_SIZE)
+            truncated = handle.tell() > os.fstat(handle.fileno()).st_size or _short_element(ds)
+    except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, NotImplementedError) as exc:
+        raise Rejected(CANNOT_UNDERSTAND, f"cannot parse data set ({type(exc).__name__})") from None
+    if truncated:
+        raise Rejected(CANNOT_UNDERSTAND, "element length exceeds the data received")
+    if "SOPClassUID" not in ds or "SOPInstanceUID" not in ds:
+        raise Rejected(DATASET_MISMATCH, "data set has no SOP Class UID or SOP Instance UID")
+    return ds
+
+
+def _short_element(ds: FileDataset) -> bool:
+    """True if a top-level element holds fewer bytes than its header declares."""
+    for tag in ds.keys():
+        raw = ds.get_item(tag)
+        if isinstance(raw, RawDataElement) and raw.value is not None and raw.length != UNDEFINED_LENGTH:
+            if len(raw.value) < raw.length:
+                return True
+    return False
+
+
+def deidentify(deidentifier: Deidentifier, ds: FileDataset) -> DeidRecord:
+    """Apply the profile in place; any doubt is a refusal, never a pass-through."""
+    try:
+        return deidentifier.apply(ds)
+    except DeidError as exc:
+        raise Rejected(CANNOT_DEIDENTIFY, f"cannot de-identify: {exc}"[:64]) from None
+    except Exception as exc:  # a value pydicom cannot decode, a malformed sequence, …
+        raise Rejected(CANNOT_DEIDENTIFY, f"cannot de-identify ({type(exc).__name__})") from None
+
+
+def writer(ds: FileDataset) -> Callable[[BinaryIO], None]:
+    """Write the de-identified dataset as Part 10, keeping its transfer syntax (pixels byte for byte).
+
+    Deflated data sets are written as explicit VR little endian: most remote
+    PACS do not accept deflate, and the pixel bytes are unchanged either way.
+    """
+    if ds.file_meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+
+    def write(handle: BinaryIO) -> None:
+        ds.save_as(handle, enforce_file_format=True)
+
+    return write
+
+
+def is_out_of_space(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+class Pipeline:
+    """Receive one instance: de-identify, spool, record and queue it in one durable step."""
+
+    def __init__(
+        self,
+        deidentifier: Deidentifier,
+        store: Store,
+        spool: Spool,
+        destinations: Sequence[str],
+        on_queued: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.deidentifier = deidentifier
+        self.store = store
+        self.spool = spool
+        self.destinations = tuple(destinations)
+        self.on_queued = on_queued
+        self.log = log.get("pipeline")
+
+    def receive(self, source: str | os.PathLike[str], *, calling_aet: str, priority: int = 0) -> Outcome:
+        """Handle one received C-STORE data set (a Part 10 file); never raises."""
+        started = time.perf_counter()
+        try:
+            ds = read(source)
+            record = deidentify(self.deidentifier, ds)
+            size, target = self._spool(ds, record)
+            self.store.record_instance(
+                record,
+                calling_aet=calling_aet,
+                path=str(target),
+                size=size,
+                transfer_syntax=str(ds.file_meta.TransferSyntaxUID),
+                destinations=self.destinations,
+                priority=QUEUE_PRIORITY.get(priority, 0),
+            )
+        except Rejected as exc:
+            self.log.warning("instance_refused", calling_aet=calling_aet, status=f"0x{exc.status:04X}",
+                             reason=exc.comment)
+            return Outcome(exc.status, exc.comment)
+        except (OSError, sqlite3.Error) as exc:
+            reason = "disk full" if is_out_of_space(exc) else f"storage error ({type(exc).__name__})"
+            self.log.error("instance_not_stored", calling_aet=calling_aet, status="0xA700", reason=reason)
+            return Outcome(OUT_OF_RESOURCES, f"out of resources: {reason}")
+        self.on_queued()
+        self.log.info(
+            "instance_stored",
+            calling_aet=calling_aet,
+            sop_instance_uid=record.pseudo_sop_instance_uid,
+            study_instance_uid=record.pseudo_study_instance_uid,
+            patient_id=record.pseudo_patient_id,
+            sop_class=getattr(ds.SOPClassUID, "keyword", "") or str(ds.SOPClassUID),
+            bytes=size,
+            ms=round((time.perf_counter() - started) * 1000, 1),
+        )
+        return Outcome(SUCCESS, sop_instance_uid=record.pseudo_sop_instance_uid)
+
+    def _spool(self, ds: FileDataset, record: DeidRecord) -> tuple[int, Path]:
+        target = self.spool.path_for(record.pseudo_sop_instance_uid)
+        try:
+            size = self.spool.write(target, writer(ds))
+        except OSError:
+            raise
+        except Exception as exc:  # pydicom refused to encode a value: not understood, not forwarded
+            raise Rejected(CANNOT_UNDERSTAND, f"cannot encode data set ({type(exc).__name__})") from None
+        return size, target
+
+
+def anonymize_file(deidentifier: Deidentifier, store: Store, source: Path, target: Path) -> DeidRecord:
+    """De-identify one file offline into `target` and record its mappings; raise Rejected on refusal."""
+    ds = read(source)
+    record = deidentify(deidentifier, ds)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    Spool.atomic_write(target, writer(ds))
+    store.record_mapping(record, source="anonymize")
+    return record

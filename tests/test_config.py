@@ -1,0 +1,121 @@
+"""Configuration: the design.md keys load, and every mistake names the file and the key (exit 2)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from node import config
+
+REPO = Path(__file__).resolve().parents[1]
+VALID = """
+[node]
+ae_title = "TELENODE"
+host = "127.0.0.1"
+port = 11112
+data_dir = "var"
+allowed_calling_aets = ["CT01"]
+
+[anonymization]
+profile_options = ["retain_device_identity"]
+organization = "ORG"
+key_file = "keys/pseudonym.key"
+
+[[destinations]]
+name = "telerad"
+ae_title = "TELERAD"
+host = "127.0.0.1"
+port = 11113
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "telenode.toml"
+    path.write_text(text)
+    return path
+
+
+def test_example_config_loads_with_paths_relative_to_its_folder():
+    settings = config.load(REPO / "config" / "telenode.example.toml")
+    assert settings.port == 11112
+    assert settings.data_dir == (REPO / "var").resolve()
+    assert settings.destinations[0].ae_title == "TELERAD"
+
+
+def test_design_keys_load_and_relative_paths_resolve_against_config_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir("/")
+    settings = config.load(write(tmp_path, VALID))
+    assert settings.data_dir == tmp_path / "var"
+    assert settings.key_file == tmp_path / "keys" / "pseudonym.key"
+    assert settings.allowed_calling_aets == ("CT01",)
+    assert settings.profile_options == ("retain_device_identity",)
+    assert settings.destinations[0].port == 11113
+
+
+@pytest.mark.parametrize(
+    "change, key",
+    [
+        (("port = 11112", 'port = "11112"'), "node.port"),
+        (("port = 11112", "port = 70000"), "node.port"),
+        (('ae_title = "TELENODE"', 'ae_title = "THIS_AE_TITLE_IS_TOO_LONG"'), "node.ae_title"),
+        (('host = "127.0.0.1"\nport = 11112', 'host = "127.0.0.1"\nport = 11112\nbogus = 1'), "node.bogus"),
+        (('organization = "ORG"', 'organization = "ORG"\nsalt = "x"'), "anonymization.salt"),
+        (('["retain_device_identity"]', '["retain_everything"]'), "anonymization.profile_options"),
+        (('["retain_device_identity"]', '["retain_long_full_dates", "retain_long_modified_dates"]'),
+         "anonymization.profile_options"),
+        (('allowed_calling_aets = ["CT01"]', 'allowed_calling_aets = "CT01"'), "node.allowed_calling_aets"),
+        (('name = "telerad"\n', ""), "destinations[0].name"),
+        (("port = 11113", "port = 11113\nretries = 3"), "destinations[0].retries"),
+    ],
+)
+def test_mistakes_name_file_and_key(tmp_path, change, key):
+    old, new = change
+    assert old in VALID
+    path = write(tmp_path, VALID.replace(old, new, 1))
+    with pytest.raises(config.ConfigError) as caught:
+        config.load(path)
+    assert str(path) in str(caught.value)
+    assert key in str(caught.value)
+
+
+def test_missing_destination_is_an_error(tmp_path):
+    path = write(tmp_path, VALID.split("[[destinations]]")[0])
+    with pytest.raises(config.ConfigError, match="destinations"):
+        config.load(path)
+
+
+def test_key_file_that_is_a_folder_is_an_error(tmp_path):
+    (tmp_path / "keys" / "pseudonym.key").mkdir(parents=True)
+    with pytest.raises(config.ConfigError, match="anonymization.key_file"):
+        config.load(write(tmp_path, VALID))
+
+
+def serve(path: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "node", "serve", "--config", str(path)],
+                          capture_output=True, text=True, timeout=60, cwd=REPO)
+
+
+def test_serve_exits_2_with_one_message_naming_file_and_key(tmp_path):
+    path = write(tmp_path, VALID.replace("port = 11112", 'port = "eleven"'))
+    result = serve(path)
+    assert result.returncode == 2
+    assert str(path) in result.stderr and "node.port" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_serve_exits_2_on_malformed_key_file(tmp_path):
+    key = tmp_path / "keys" / "pseudonym.key"
+    key.parent.mkdir()
+    key.write_text("not-a-secret-key\n")
+    result = serve(write(tmp_path, VALID))
+    assert result.returncode == 2
+    assert "anonymization.key_file" in result.stderr and str(key) in result.stderr
+    assert "not-a-secret-key" not in result.stderr
+
+
+def test_serve_exits_2_without_destinations(tmp_path):
+    result = serve(write(tmp_path, VALID.split("[[destinations]]")[0]))
+    assert result.returncode == 2 and "destinations" in result.stderr
