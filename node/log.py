@@ -52,6 +52,12 @@ def configure(fmt: str = "auto", level: str = "info", stream: Any = None) -> Non
     library.handlers = [_ToStructlog(level=logging.WARNING)]
     library.setLevel(logging.WARNING)
     library.propagate = False
+    # pydicom's log lines and Python warnings can quote element values (PHI): drop them.
+    for name in ("pydicom", "py.warnings"):
+        silent = logging.getLogger(name)
+        silent.handlers = [logging.NullHandler()]
+        silent.propagate = False
+    logging.captureWarnings(True)
 
 
 def get(name: str) -> Any:
