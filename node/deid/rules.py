@@ -1,0 +1,417 @@
+"""The PS3.15 Annex E rule engine: Table E.1-1 actions and options, applied recursively.
+
+The rules come from `ps315.json`, generated from the standard's table by
+`scripts/gen_ps315.py` and loaded once per process. `Deidentifier.apply`
+walks a pydicom dataset in place: every element of the table gets its action
+(D, Z, X, K, C, U and the combined codes, the option's action replacing the
+Basic one when the option is claimed), inside every sequence item too; the
+mask rows (curves 50xx, overlay data and comments 60xx) and private groups
+are handled by mask; attributes not in the table are kept, except that any
+instance UID they hold is remapped so that references stay consistent.
+Large values (pixel data) are never decoded: an element is only read when
+its action needs its value.
+
+How the combined codes are resolved (no IOD type information is consulted,
+so the conformant choice is taken): X/Z → Z, X/D, Z/D and X/Z/D → D; on a
+sequence, D and K keep the items and clean them, Z and X/Z and X/Z/D empty it,
+X/Z/U* keeps the items so that their UIDs are remapped (U) inside them.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import re
+from dataclasses import dataclass, field
+from functools import cached_property
+from importlib import resources
+from typing import Any, Iterable, Sequence
+
+from pydicom.datadict import dictionary_VR, keyword_for_tag
+from pydicom.dataelem import DataElement, RawDataElement
+from pydicom.dataset import Dataset, FileDataset
+from pydicom.multival import MultiValue
+from pydicom.sequence import Sequence as DicomSequence
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID_dictionary
+
+from node import __version__
+from node.deid.pseudonyms import Pseudonymizer, patient_key
+from node.deid.record import DeidRecord
+
+TABLE: dict[str, Any] = json.loads(resources.files("node.deid").joinpath("ps315.json").read_text())
+
+SUPPORTED_OPTIONS: tuple[str, ...] = tuple(TABLE["options"])
+
+#: When claimed options give a row different actions, the most retaining one wins.
+OPTION_PRECEDENCE = ("K", "C", "U", "D", "Z/D", "X/Z/U*", "Z", "X/D", "X/Z/D", "X/Z", "X")
+
+#: Combined codes on a non-sequence element → the action taken (see module docstring).
+COMBINED = {"X/Z": "Z", "X/D": "D", "Z/D": "D", "X/Z/D": "D", "X/Z/U*": "U"}
+#: …and on a sequence: keep-and-clean the items ("K") or empty it ("Z").
+COMBINED_SQ = {"X/Z": "Z", "X/D": "K", "Z/D": "K", "X/Z/D": "Z", "X/Z/U*": "K", "D": "K", "U": "K"}
+
+TEXT = "ANONYMIZED"
+#: D: a non-zero-length dummy valid for the VR (UI is remapped instead).
+DUMMY: dict[str, Any] = {
+    "AE": TEXT, "AS": "000D", "CS": TEXT, "DA": "19000101", "DS": "0", "DT": "19000101000000",
+    "IS": "0", "LO": TEXT, "LT": TEXT, "PN": TEXT, "SH": TEXT, "ST": TEXT, "TM": "000000",
+    "UC": TEXT, "UR": "urn:anonymized", "UT": TEXT,
+    "FL": 0.0, "FD": 0.0, "SL": 0, "SS": 0, "UL": 0, "US": 0, "SV": 0, "UV": 0, "AT": 0,
+}
+BINARY_DUMMY = b"\x00" * 8  # OB, OW, OD, OF, OL, OV, UN: 8 bytes fit every width
+
+TEXT_VRS = frozenset({"AE", "CS", "LO", "LT", "SH", "ST", "UC", "UT", "UR"})
+
+#: UI attributes outside the table that name definitions (classes, syntaxes,
+#: coding schemes), not instances: never remapped.
+DEFINITION_UID = re.compile(r"SOPClass|TransferSyntax|ImplementationClass|CodingScheme|CreatorUID|"
+                            r"ContextUID|MappingResource|CreatorVersion|TemplateUID")
+
+PATIENT_ID = 0x00100020
+PATIENT_NAME = 0x00100010
+ACCESSION_NUMBER = 0x00080050
+
+#: File meta elements that name the sending system or carry private data.
+META_REMOVE = (0x00020016, 0x00020017, 0x00020018, 0x00020026, 0x00020027, 0x00020028, 0x00020100, 0x00020102)
+
+
+class DeidError(Exception):
+    """The dataset cannot be de-identified with certainty; the message carries no PHI."""
+
+
+def is_well_known_uid(value: str) -> bool:
+    """SOP classes, transfer syntaxes, coding schemes and other UIDs the standard itself defines."""
+    return value in UID_dictionary or value.startswith("1.2.840.10008.")
+
+
+def resolve(rule: dict[str, Any], options: frozenset[str]) -> str:
+    """The action for one row: the claimed options' actions replace the Basic one."""
+    claimed = [action for option, action in rule["options"].items() if option in options]
+    if not claimed:
+        return rule["basic"]
+    return min(claimed, key=OPTION_PRECEDENCE.index)
+
+
+@dataclass
+class _Context:
+    """What one dataset's walk needs: the pseudonymizer, the originals, what was remapped."""
+
+    pseudonyms: Pseudonymizer
+    record: DeidRecord
+    keep_uids: bool
+    shift_days: int | None
+    identifiers: list[str] = field(default_factory=list)
+
+    @cached_property
+    def identifying_text(self) -> re.Pattern[str] | None:
+        words = sorted({w for w in self.identifiers if len(w) >= 2}, key=len, reverse=True)
+        if not words:
+            return None
+        return re.compile("|".join(rf"(?<![0-9A-Za-z]){re.escape(w)}(?![0-9A-Za-z])" for w in words), re.IGNORECASE)
+
+
+class Deidentifier:
+    """Applies the Basic Profile with the claimed options; one per process, thread-safe."""
+
+    def __init__(self, pseudonyms: Pseudonymizer, options: Iterable[str] = ()) -> None:
+        self.options = frozenset(options)
+        unknown = self.options - set(SUPPORTED_OPTIONS)
+        if unknown:
+            raise ValueError(f"unsupported option(s): {', '.join(sorted(unknown))}")
+        if {"retain_long_full_dates", "retain_long_modified_dates"} <= self.options:
+            raise ValueError("retain_long_full_dates and retain_long_modified_dates exclude each other")
+        self.pseudonyms = pseudonyms
+        self.actions: dict[int, str] = {int(tag, 16): resolve(rule, self.options) for tag, rule in TABLE["tags"].items()}
+        self.masks = [
+            (int(m["group_mask"], 16), int(m["group"], 16), int(m["element_mask"], 16), int(m["element"], 16),
+             resolve(m, self.options))
+            for m in TABLE["masks"]
+        ]
+        self.private_action = resolve(TABLE["private"], self.options)
+        self.safe_private = {(creator, int(group, 16), int(low, 16)) for creator, group, low in TABLE["safe_private"]}
+        # Claimed options in table order: the codes written to DeidentificationMethodCodeSequence.
+        self.applied = [TABLE["basic_profile"]] + [TABLE["options"][o] for o in SUPPORTED_OPTIONS if o in self.options]
+
+    # -- public ---------------------------------------------------------------------------------
+
+    def apply(self, ds: FileDataset) -> DeidRecord:
+        """De-identify `ds` in place and return the original ↔ pseudonym record."""
+        record = self._originals(ds)
+        key = patient_key(record.patient_id, record.issuer_of_patient_id, record.patient_name,
+                          record.patient_birth_date, record.study_instance_uid)
+        record.pseudo_patient_id = self.pseudonyms.patient_id(key)
+        record.pseudo_patient_name = self.pseudonyms.patient_name(key)
+        record.pseudo_accession_number = self.pseudonyms.accession(record.accession_number) if record.accession_number else ""
+        ctx = _Context(
+            pseudonyms=self.pseudonyms,
+            record=record,
+            keep_uids="retain_uids" in self.options,
+            shift_days=self.pseudonyms.date_offset_days(key) if "retain_long_modified_dates" in self.options else None,
+            identifiers=_identifiers(ds),
+        )
+        self._walk(ds, ctx)
+        # Type 2 in every composite IOD: present even if the sender left them out.
+        ds.PatientID = record.pseudo_patient_id
+        ds.PatientName = record.pseudo_patient_name
+        record.pseudo_study_instance_uid = self._uid(record.study_instance_uid, ctx)
+        record.pseudo_series_instance_uid = self._uid(record.series_instance_uid, ctx)
+        record.pseudo_sop_instance_uid = self._uid(record.sop_instance_uid, ctx)
+        self._mark(ds)
+        self._file_meta(ds)
+        record.method_codes = tuple(code["code"] for code in self.applied)
+        return record
+
+    # -- the walk -------------------------------------------------------------------------------
+
+    def _walk(self, ds: Dataset, ctx: _Context) -> None:
+        self._private(ds)
+        for tag in list(ds.keys()):
+            if tag & 0xFFFF == 0 or tag >> 16 & 1:  # group lengths go (recomputed); private done above
+                if tag & 0xFFFF == 0:
+                    del ds[tag]
+                continue
+            action = self._action(tag)
+            if action is None:
+                self._untabled(ds, tag, ctx)
+            else:
+                self._act(ds, tag, action, ctx)
+
+    def _action(self, tag: int) -> str | None:
+        action = self.actions.get(tag)
+        if action is not None:
+            return action
+        group, element = tag >> 16, tag & 0xFFFF
+        for group_mask, group_value, element_mask, element_value, mask_action in self.masks:
+            if group & group_mask == group_value and element & element_mask == element_value:
+                return mask_action
+        return None
+
+    def _private(self, ds: Dataset) -> None:
+        """Private groups: X under the Basic Profile; C (keep only Table E.3.10-1) with Retain Safe Private."""
+        private = [tag for tag in ds.keys() if tag >> 16 & 1]
+        if not private or self.private_action == "K":
+            return
+        keep: set[int] = set()
+        if self.private_action == "C":
+            for tag in private:
+                group, element = tag >> 16, tag & 0xFFFF
+                if element >= 0x1000 and self._is_safe(ds, group, element):
+                    keep.update((tag, (group << 16) | (element >> 8)))  # the element and its creator
+        for tag in private:
+            if tag not in keep:
+                del ds[tag]
+
+    def _is_safe(self, ds: Dataset, group: int, element: int) -> bool:
+        """Table E.3.10-1 match by private creator, group and element low byte, never by block."""
+        creator = ds.get((group << 16) | (element >> 8))
+        name = str(creator.value).strip() if creator is not None and creator.value else ""
+        return (name, group, element & 0xFF) in self.safe_private
+
+    def _untabled(self, ds: Dataset, tag: int, ctx: _Context) -> None:
+        """Not in Table E.1-1: kept, but instance UIDs are remapped and sequences walked."""
+        vr = _vr(ds, tag)
+        if vr == "SQ":
+            for item in ds[tag].value:
+                self._walk(item, ctx)
+        elif vr == "UI" and not ctx.keep_uids and not DEFINITION_UID.search(keyword_for_tag(tag) or ""):
+            self._remap(ds[tag], ctx)
+
+    def _act(self, ds: Dataset, tag: int, action: str, ctx: _Context) -> None:
+        vr = _vr(ds, tag)
+        if vr == "SQ":
+            action = COMBINED_SQ.get(action, action)
+        else:
+            action = COMBINED.get(action, action)
+        if action == "X":
+            del ds[tag]
+        elif action == "K":
+            if vr == "SQ":
+                for item in ds[tag].value:
+                    self._walk(item, ctx)
+        elif tag in (PATIENT_ID, PATIENT_NAME, ACCESSION_NUMBER):
+            self._identity(ds[tag], ctx)
+        elif action == "Z":
+            ds[tag].value = [] if vr == "SQ" else None
+        elif action == "D":
+            self._dummy(ds[tag], vr, ctx)
+        elif action == "U":
+            self._remap(ds[tag], ctx)
+        elif action == "C":
+            self._clean(ds[tag], vr, ctx)
+        else:
+            raise DeidError(f"no rule for action {action} on ({tag >> 16:04X},{tag & 0xFFFF:04X})")
+
+    # -- actions --------------------------------------------------------------------------------
+
+    def _identity(self, elem: DataElement, ctx: _Context) -> None:
+        """PatientID, PatientName and AccessionNumber get pseudonyms wherever they occur."""
+        value = str(elem.value or "").strip()
+        record = ctx.record
+        if elem.tag == ACCESSION_NUMBER:
+            elem.value = ctx.pseudonyms.accession(value) if value else None
+        elif elem.tag == PATIENT_ID:
+            same = value == record.patient_id
+            elem.value = record.pseudo_patient_id if same or not value else ctx.pseudonyms.patient_id(
+                patient_key(value, "", "", "", ""))
+        else:
+            same = value.upper() == record.patient_name.upper()
+            elem.value = record.pseudo_patient_name if same or not value else TEXT
+
+    def _dummy(self, elem: DataElement, vr: str, ctx: _Context) -> None:
+        if vr == "UI":
+            self._remap(elem, ctx)
+        elif vr in DUMMY:
+            elem.value = DUMMY[vr]
+        else:
+            elem.value = BINARY_DUMMY
+
+    def _uid(self, original: str, ctx: _Context) -> str:
+        if not original or ctx.keep_uids or is_well_known_uid(original):
+            return original
+        new = ctx.record.uid_map.get(original)
+        if new is None:
+            new = ctx.record.uid_map[original] = ctx.pseudonyms.uid(original)
+        return new
+
+    def _remap(self, elem: DataElement, ctx: _Context) -> None:
+        if elem.VR != "UI" or elem.value in (None, ""):
+            if elem.VR != "UI" and elem.value not in (None, ""):
+                elem.value = DUMMY.get(elem.VR, BINARY_DUMMY)  # U on a non-UID value: never keep it
+            return
+        if isinstance(elem.value, (MultiValue, list)):
+            elem.value = [self._uid(str(v).strip("\x00 "), ctx) for v in elem.value]
+        else:
+            elem.value = self._uid(str(elem.value).strip("\x00 "), ctx)
+
+    def _clean(self, elem: DataElement, vr: str, ctx: _Context) -> None:
+        """C: a value of similar meaning with nothing identifying in it."""
+        if vr == "SQ":
+            for item in elem.value:
+                self._walk(item, ctx)
+        elif vr == "UI":
+            self._remap(elem, ctx)
+        elif vr in ("DA", "DT"):
+            elem.value = _shift(elem.value, vr, ctx.shift_days) if ctx.shift_days is not None else DUMMY[vr]
+        elif vr == "PN":
+            elem.value = TEXT if elem.value else None
+        elif vr in TEXT_VRS and elem.value and ctx.identifying_text is not None:
+            pattern = ctx.identifying_text
+            if isinstance(elem.value, (MultiValue, list)):
+                elem.value = [pattern.sub("", str(v)) for v in elem.value]
+            else:
+                elem.value = pattern.sub("", str(elem.value))
+        # TM, AS, numbers and binary values carry no identity once dates are shifted: kept.
+
+    # -- attributes the profile adds --------------------------------------------------------------
+
+    def _mark(self, ds: Dataset) -> None:
+        ds.PatientIdentityRemoved = "YES"
+        ds.DeidentificationMethod = [f"telenode {__version__}"] + [code["meaning"] for code in self.applied]
+        items = []
+        for code in self.applied:
+            item = Dataset()
+            item.CodeValue = code["code"]
+            item.CodingSchemeDesignator = "DCM"
+            item.CodeMeaning = code["meaning"]
+            items.append(item)
+        ds.DeidentificationMethodCodeSequence = DicomSequence(items)
+        if "retain_long_full_dates" in self.options:
+            ds.LongitudinalTemporalInformationModified = "UNMODIFIED"
+        elif "retain_long_modified_dates" in self.options:
+            ds.LongitudinalTemporalInformationModified = "MODIFIED"
+        else:
+            ds.LongitudinalTemporalInformationModified = "REMOVED"
+
+    def _file_meta(self, ds: FileDataset) -> None:
+        meta = ds.file_meta
+        for tag in META_REMOVE:
+            if tag in meta:
+                del meta[tag]
+        meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        meta.MediaStorageSOPClassUID = ds.SOPClassUID
+        meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+        meta.ImplementationVersionName = f"TELENODE_{__version__}"[:16]
+
+    @staticmethod
+    def _originals(ds: FileDataset) -> DeidRecord:
+        def text(keyword: str) -> str:
+            value = ds.get(keyword)
+            return "" if value is None else str(value).strip()
+
+        record = DeidRecord(
+            patient_id=text("PatientID"),
+            issuer_of_patient_id=text("IssuerOfPatientID"),
+            patient_name=text("PatientName"),
+            patient_birth_date=text("PatientBirthDate"),
+            study_instance_uid=text("StudyInstanceUID"),
+            accession_number=text("AccessionNumber"),
+            study_date=text("StudyDate"),
+            series_instance_uid=text("SeriesInstanceUID"),
+            modality=text("Modality"),
+            sop_instance_uid=text("SOPInstanceUID"),
+            sop_class_uid=text("SOPClassUID"),
+        )
+        if not record.study_instance_uid or not record.series_instance_uid:
+            raise DeidError("no Study or Series Instance UID")
+        return record
+
+
+def _vr(ds: Dataset, tag: int) -> str:
+    """The element's VR without decoding its value (implicit VR falls back to the dictionary)."""
+    raw = ds.get_item(tag)
+    vr = getattr(raw, "VR", None)
+    if vr and vr != "UN":
+        return str(vr)
+    try:
+        return str(dictionary_VR(tag)).split(" or ")[0]
+    except KeyError:
+        return str(vr or "UN")
+
+
+def _shift(value: Any, vr: str, days: int) -> Any:
+    """Move every date (DA, or the date part of DT) by `days`; a value that isn't a date becomes the dummy."""
+    values = list(value) if isinstance(value, (MultiValue, list)) else [value]
+    shifted = []
+    for item in values:
+        text = str(item).strip()
+        try:
+            day = datetime.datetime.strptime(text[:8], "%Y%m%d").date() + datetime.timedelta(days=days)
+        except ValueError:
+            shifted.append(DUMMY[vr])
+            continue
+        shifted.append(day.strftime("%Y%m%d") + (text[8:] if vr == "DT" else ""))
+    return shifted if len(shifted) > 1 else (shifted[0] if shifted else None)
+
+
+def _identifiers(ds: Dataset) -> list[str]:
+    """Identifying strings of this patient, removed from free text by the C (clean) action."""
+    words: list[str] = []
+    for keyword in ("PatientName", "PatientBirthName", "PatientMotherBirthName", "OtherPatientNames"):
+        for name in _values(ds.get(keyword)):
+            words.append(name)
+            words.extend(part for part in re.split(r"[\^= ,]+", name) if len(part) >= 2)
+    for keyword in ("PatientID", "OtherPatientIDs", "AccessionNumber", "MedicalRecordLocator",
+                    "PatientAddress", "PatientTelephoneNumbers", "IssuerOfPatientID"):
+        words.extend(_values(ds.get(keyword)))
+    for birth in _values(ds.get("PatientBirthDate")):
+        words.extend(_date_forms(birth))
+    return [w for w in words if w]
+
+
+def _values(value: Any) -> list[str]:
+    if value in (None, ""):
+        return []
+    return [str(v).strip() for v in value] if isinstance(value, (MultiValue, list)) else [str(value).strip()]
+
+
+def _date_forms(date: str) -> list[str]:
+    try:
+        day = datetime.datetime.strptime(date[:8], "%Y%m%d")
+    except ValueError:
+        return [date]
+    return [date] + [day.strftime(f) for f in ("%Y-%m-%d", "%d.%m.%Y", "%m/%d/%Y", "%d/%m/%Y", "%Y/%m/%d")]
+
+
+def method_codes(options: Sequence[str]) -> list[str]:
+    """CID 7050 codes for the Basic Profile and the given options, in table order."""
+    return [TABLE["basic_profile"]["code"]] + [TABLE["options"][o]["code"] for o in SUPPORTED_OPTIONS if o in options]
