@@ -52,7 +52,9 @@ def _deidentifier(settings: config.Settings) -> Deidentifier:
     try:
         key = load_or_create_key(settings.key_file)
     except (KeyFileError, OSError) as exc:
-        raise Fatal(f"telenode: configuration error: {settings.path}: anonymization.key_file: {exc}") from None
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise Fatal(f"telenode: configuration error: {settings.path}: anonymization.key_file: "
+                    f"{settings.key_file}: {reason}") from None
     try:
         return Deidentifier(Pseudonymizer(key, settings.organization), settings.profile_options)
     except ValueError as exc:

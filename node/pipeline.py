@@ -26,7 +26,7 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
 from node import log
 from node.deid import DeidError, Deidentifier
 from node.deid.record import DeidRecord
-from node.spool import Spool
+from node.spool import Spool, atomic_write
 from node.store import Store
 
 # Values never leave through warnings: pydicom's validation warnings quote element values.
@@ -186,13 +186,17 @@ class Pipeline:
 
     def _spool(self, ds: FileDataset, record: DeidRecord) -> tuple[int, Path]:
         target = self.spool.path_for(record.pseudo_sop_instance_uid)
-        try:
-            size = self.spool.write(target, writer(ds))
-        except OSError:
-            raise
-        except Exception as exc:  # pydicom refused to encode a value: not understood, not forwarded
-            raise Rejected(CANNOT_UNDERSTAND, f"cannot encode data set ({type(exc).__name__})") from None
-        return size, target
+        return encode(lambda write: self.spool.write(target, write), ds), target
+
+
+def encode(save: Callable[[Callable[[BinaryIO], None]], int], ds: FileDataset) -> int:
+    """Run `save` with the dataset's writer; an encoding failure is a refusal, a disk failure an OSError."""
+    try:
+        return save(writer(ds))
+    except OSError:
+        raise
+    except Exception as exc:  # pydicom refused to encode a value: not understood, not forwarded
+        raise Rejected(CANNOT_UNDERSTAND, f"cannot encode data set ({type(exc).__name__})") from None
 
 
 def anonymize_file(deidentifier: Deidentifier, store: Store, source: Path, target: Path) -> DeidRecord:
@@ -200,6 +204,6 @@ def anonymize_file(deidentifier: Deidentifier, store: Store, source: Path, targe
     ds = read(source)
     record = deidentify(deidentifier, ds)
     target.parent.mkdir(parents=True, exist_ok=True)
-    Spool.atomic_write(target, writer(ds))
+    encode(lambda write: atomic_write(target, write), ds)
     store.record_mapping(record, source="anonymize")
     return record

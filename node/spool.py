@@ -1,0 +1,79 @@
+"""Durable files: anonymized instances waiting to be forwarded.
+
+A file is written beside its final name under `.tmp/`, flushed and fsynced,
+renamed into place, and its folder fsynced: after `write` returns, the file
+survives a crash or a power cut, and no reader ever sees half a file. Files
+fan out over 256 folders by pseudonymous SOP Instance UID so no folder grows
+huge. The spool holds only de-identified data; it is still private to the
+node's user (0700).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+from pathlib import Path
+from typing import BinaryIO, Callable
+
+Writer = Callable[[BinaryIO], None]
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(target: Path, write: Writer, tmp_dir: Path | None = None) -> int:
+    """Write `target` all-or-nothing and durably; return its size. The partial file is removed on error."""
+    target = Path(target)
+    tmp_dir = tmp_dir or target.parent
+    tmp = tmp_dir / f".{target.name}.{secrets.token_hex(4)}.tmp"
+    try:
+        with open(tmp, "xb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+            size = handle.tell()
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(target.parent)
+    return size
+
+
+class Spool:
+    """Anonymized instances on disk under one root folder."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root)
+        self.tmp = self.root / ".tmp"
+        self.tmp.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(self.root, 0o700)
+
+    def path_for(self, sop_instance_uid: str) -> Path:
+        """Where the instance with this (pseudonymous) UID lives."""
+        fan = hashlib.sha1(sop_instance_uid.encode("ascii")).hexdigest()[:2]
+        return self.root / fan / f"{sop_instance_uid}.dcm"
+
+    def write(self, target: Path, write: Writer) -> int:
+        """Durably write one instance file; returns its size in bytes."""
+        target.parent.mkdir(exist_ok=True, mode=0o700)
+        return atomic_write(target, write, self.tmp)
+
+    def remove(self, path: str | os.PathLike[str]) -> None:
+        """Delete a forwarded instance (already gone is fine)."""
+        Path(path).unlink(missing_ok=True)
+
+    def cleanup_tmp(self) -> int:
+        """Remove partial files a crash left behind; returns how many."""
+        removed = 0
+        for leftover in self.tmp.glob("*.tmp"):
+            leftover.unlink(missing_ok=True)
+            removed += 1
+        return removed
