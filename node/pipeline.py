@@ -20,7 +20,6 @@ from typing import BinaryIO, Callable, Sequence
 import pydicom
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import FileDataset
-from pydicom.errors import InvalidDicomError
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
 
 from node import log
@@ -38,6 +37,7 @@ OUT_OF_RESOURCES = 0xA700  # refused: disk full, database unavailable; the sende
 DATASET_MISMATCH = 0xA900  # error: data set does not match SOP class (no SOP UIDs)
 CANNOT_UNDERSTAND = 0xC210  # error: cannot parse the data set
 CANNOT_DEIDENTIFY = 0xC220  # error: cannot de-identify with certainty; never forwarded
+PROCESSING_FAILURE = 0xC000  # error: an unexpected failure inside the node; nothing kept
 
 #: C-STORE Priority (0 MEDIUM, 1 HIGH, 2 LOW) → queue priority (higher goes first).
 QUEUE_PRIORITY = {0: 0, 1: 1, 2: -1}
@@ -81,7 +81,9 @@ def read(path: str | os.PathLike[str]) -> FileDataset:
         with open(path, "rb") as handle:
             ds = pydicom.dcmread(handle, defer_size=DEFER_SIZE)
             truncated = handle.tell() > os.fstat(handle.fileno()).st_size or _short_element(ds)
-    except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, NotImplementedError) as exc:
+    except OSError:
+        raise
+    except Exception as exc:  # InvalidDicomError, EOFError, struct.error, ValueError, …: never a crash
         raise Rejected(CANNOT_UNDERSTAND, f"cannot parse data set ({type(exc).__name__})") from None
     if truncated:
         raise Rejected(CANNOT_UNDERSTAND, "element length exceeds the data received")
@@ -171,6 +173,10 @@ class Pipeline:
             reason = "disk full" if is_out_of_space(exc) else f"storage error ({type(exc).__name__})"
             self.log.error("instance_not_stored", calling_aet=calling_aet, status="0xA700", reason=reason)
             return Outcome(OUT_OF_RESOURCES, f"out of resources: {reason}")
+        except Exception as exc:  # a bug must not answer 0xC211 with a traceback that may quote values
+            self.log.error("instance_not_stored", calling_aet=calling_aet, status="0xC000",
+                           reason=f"internal error ({type(exc).__name__})")
+            return Outcome(PROCESSING_FAILURE, "internal error; instance not kept")
         self.on_queued()
         self.log.info(
             "instance_stored",

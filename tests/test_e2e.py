@@ -14,7 +14,6 @@ import threading
 from pathlib import Path
 
 import pydicom
-import pytest
 from pydicom.dataset import Dataset
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import CTImageStorage

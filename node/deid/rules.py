@@ -28,7 +28,7 @@ from importlib import resources
 from typing import Any, Iterable, Sequence
 
 from pydicom.datadict import dictionary_VR, keyword_for_tag
-from pydicom.dataelem import DataElement, RawDataElement
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, FileDataset
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence as DicomSequence
