@@ -31,6 +31,7 @@ from node.store import Store
 # Send from the spooled file in PDU-sized chunks instead of decoding it into memory.
 _config.STORE_SEND_CHUNKED_DATASET = True
 
+NO_CONTEXT = "no accepted presentation context for this SOP class and transfer syntax"
 MAX_CONTEXTS = 128  # PS3.8: presentation context IDs are odd numbers 1..255
 
 #: Statuses that mean the remote stored the instance (PS3.4 B.2-1: success and warnings).
@@ -75,18 +76,19 @@ class Forwarder:
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                batch = self.store.claim_batch(self.destination.name, self.destination.batch_size)
-            except Exception as exc:  # database busy or gone: try again shortly
-                self.log.error("queue_unavailable", error=type(exc).__name__)
-                self._stop.wait(1.0)
-                continue
-            if not batch:
-                self._idle()
-                continue
-            if self._send(batch):
-                self._backoff = 0
-            else:
+                self._step()
+            except Exception as exc:  # never let the worker die: the queue would stall silently
+                self.log.error("forwarder_error", error=type(exc).__name__)
                 self._stop.wait(self._delay())
+
+    def _step(self) -> None:
+        batch = self.store.claim_batch(self.destination.name, self.destination.batch_size)
+        if not batch:
+            self._idle()
+        elif self._send(batch):
+            self._backoff = 0
+        else:
+            self._stop.wait(self._delay())
 
     def _idle(self) -> None:
         next_due = self.store.next_due(self.destination.name)
@@ -129,6 +131,12 @@ class Forwarder:
         for sop_class, syntax in contexts:
             ae.add_requested_context(sop_class, syntax)
         assoc = ae.associate(d.host, d.port, ae_title=d.ae_title, evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay)])
+        if not assoc.is_established and assoc.rejected_contexts and not assoc.accepted_contexts:
+            # The remote is up but accepts none of these SOP class / transfer syntax pairs:
+            # a refusal of these instances, counted against each, not an outage.
+            for row in rows:
+                self._refused(row, NO_CONTEXT)
+            return True
         if not assoc.is_established:
             reason = "association rejected" if assoc.is_rejected else "remote unreachable or aborted"
             self.log.warning("destination_unavailable", reason=reason, pending=len(batch))
@@ -165,10 +173,15 @@ class Forwarder:
         try:
             status = assoc.send_c_store(path, priority=2 if row["priority"] < 0 else min(row["priority"], 1))
         except ValueError:  # the remote accepted no context for this SOP class / transfer syntax
-            return self._refused(row, "no accepted presentation context for this SOP class and transfer syntax")
+            return self._refused(row, NO_CONTEXT)
         except (OSError, RuntimeError) as exc:
             self.log.warning("send_interrupted", sop_instance_uid=row["pseudo_sop_instance_uid"], error=type(exc).__name__)
             return "transient"
+        except Exception as exc:  # the spooled file itself is unreadable (corrupt, no file meta)
+            self.store.mark_failed(row["id"], f"spool file unreadable ({type(exc).__name__})")
+            self.log.error("instance_failed", sop_instance_uid=row["pseudo_sop_instance_uid"],
+                           reason=f"spool file unreadable ({type(exc).__name__})")
+            return "refused"
         if not isinstance(status, Dataset) or "Status" not in status:
             self.log.warning("send_interrupted", sop_instance_uid=row["pseudo_sop_instance_uid"],
                              error="no response (timeout or abort)")

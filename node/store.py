@@ -129,9 +129,11 @@ class Store:
                     "SELECT id FROM queue WHERE destination = ? AND pseudo_sop_instance_uid = ? AND status = ?",
                     [destination, record.pseudo_sop_instance_uid, PENDING],
                 ).fetchone()
-                if pending:  # a resend while still queued: one send is enough; keep the higher priority
-                    self.db.execute("UPDATE queue SET priority = MAX(priority, ?), size = ?, updated = ? WHERE id = ?",
-                                    [priority, size, now, pending[0]])
+                if pending:  # a resend while still queued: one send (of the file as now spooled) is enough
+                    self.db.execute(
+                        "UPDATE queue SET priority = MAX(priority, ?), size = ?, transfer_syntax = ?, path = ?, "
+                        "sop_class_uid = ?, updated = ? WHERE id = ?",
+                        [priority, size, transfer_syntax, path, record.sop_class_uid, now, pending[0]])
                     continue
                 self.db["queue"].insert({
                     "destination": destination, "pseudo_sop_instance_uid": record.pseudo_sop_instance_uid,
