@@ -38,3 +38,7 @@ class DeidRecord:
     uid_map: dict[str, str] = field(default_factory=dict)
     # PS3.15 options applied, in CID 7050 terms (e.g. "113100" Basic Profile first)
     method_codes: tuple[str, ...] = ()
+    # (VR, original value) of identifying values the profile removed or replaced: the leak guard's needles
+    removed_values: list[tuple[str, object]] = field(default_factory=list)
+    # per-tag overrides applied after the profile, as "Keyword=action" (no values)
+    overrides: tuple[str, ...] = ()

@@ -12,9 +12,14 @@ Large values (pixel data) are never decoded: an element is only read when
 its action needs its value.
 
 How the combined codes are resolved (no IOD type information is consulted,
-so the conformant choice is taken): X/Z → Z, X/D, Z/D and X/Z/D → D; on a
-sequence, D and K keep the items and clean them, Z and X/Z and X/Z/D empty it,
-X/Z/U* keeps the items so that their UIDs are remapped (U) inside them.
+so the conformant choice is taken): X/Z → Z, X/D, Z/D and X/Z/D → D. On a
+sequence: K keeps the items and applies the table inside them; D (and X/D,
+Z/D) does the same and also replaces the free text the table does not list
+(SR Text Value, comments: LT, ST, UT, UC, PN) with a dummy, so the structure,
+codes and measurements stay; C (an option's clean) does the same but cleans
+that text of identifying values instead; Z, X/Z and X/Z/D empty it; X/Z/U*
+keeps the items so that their UIDs are remapped (U) inside them.
+Overlay data removed (X) takes its whole overlay group with it.
 """
 
 from __future__ import annotations
@@ -23,7 +28,6 @@ import datetime
 import json
 import re
 from dataclasses import dataclass, field
-from functools import cached_property
 from importlib import resources
 from typing import Any, Iterable, Sequence
 
@@ -35,20 +39,24 @@ from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID_dictionary
 
 from node import __version__
+from node.deid.guard import needles
 from node.deid.pseudonyms import Pseudonymizer, patient_key
 from node.deid.record import DeidRecord
 
 TABLE: dict[str, Any] = json.loads(resources.files("node.deid").joinpath("ps315.json").read_text())
 
-SUPPORTED_OPTIONS: tuple[str, ...] = tuple(TABLE["options"])
+#: Table E.1-1 option columns, plus Clean Pixel Data (E.3.1), which acts on pixels (node/deid/pixels.py).
+TABLE_OPTIONS: tuple[str, ...] = tuple(TABLE["options"])
+SUPPORTED_OPTIONS: tuple[str, ...] = TABLE_OPTIONS + ("clean_pixel_data",)
+CLEAN_PIXEL_DATA = {"code": "113101", "meaning": "Clean Pixel Data Option"}
 
 #: When claimed options give a row different actions, the most retaining one wins.
 OPTION_PRECEDENCE = ("K", "C", "U", "D", "Z/D", "X/Z/U*", "Z", "X/D", "X/Z/D", "X/Z", "X")
 
 #: Combined codes on a non-sequence element → the action taken (see module docstring).
 COMBINED = {"X/Z": "Z", "X/D": "D", "Z/D": "D", "X/Z/D": "D", "X/Z/U*": "U"}
-#: …and on a sequence: keep-and-clean the items ("K") or empty it ("Z").
-COMBINED_SQ = {"X/Z": "Z", "X/D": "K", "Z/D": "K", "X/Z/D": "Z", "X/Z/U*": "K", "D": "K", "U": "K"}
+#: …and on a sequence: dummy the items' free text ("D"), keep and clean them ("K"), or empty it ("Z").
+COMBINED_SQ = {"X/Z": "Z", "X/D": "D", "Z/D": "D", "X/Z/D": "Z", "X/Z/U*": "K", "U": "K"}
 
 TEXT = "ANONYMIZED"
 #: D: a non-zero-length dummy valid for the VR (UI is remapped instead).
@@ -61,6 +69,11 @@ DUMMY: dict[str, Any] = {
 BINARY_DUMMY = b"\x00" * 8  # OB, OW, OD, OF, OL, OV, UN: 8 bytes fit every width
 
 TEXT_VRS = frozenset({"AE", "CS", "LO", "LT", "SH", "ST", "UC", "UT", "UR"})
+#: Free text inside D / C sequences (SR TextValue, comments): replaced or cleaned with the sequence.
+#: LO and SH stay: inside content items they are codes and labels, not prose.
+FREE_TEXT_VRS = frozenset({"LT", "ST", "UT", "UC", "PN"})
+#: VRs whose removed originals the leak guard searches for (see guard.py).
+NEEDLE_VRS = frozenset({"PN", "DA", "DT", "UI"}) | TEXT_VRS
 
 #: UI attributes outside the table that name definitions (classes, syntaxes,
 #: coding schemes), not instances: never remapped.
@@ -101,19 +114,30 @@ class _Context:
     keep_uids: bool
     shift_days: int | None
     identifiers: list[str] = field(default_factory=list)
+    to_clean: list[DataElement] = field(default_factory=list)
 
-    @cached_property
-    def identifying_text(self) -> re.Pattern[str] | None:
-        words = sorted({w for w in self.identifiers if len(w) >= 2}, key=len, reverse=True)
+    def clean_text(self) -> None:
+        """C on text: remove the patient's identifiers and every identifying value the walk
+        removed anywhere in the dataset (observer names, organizations, IDs), keep the rest."""
+        if not self.to_clean:
+            return
+        words = {w.upper() for w in self.identifiers if len(w) >= 2} | set(needles(self.record.removed_values))
         if not words:
-            return None
-        return re.compile("|".join(rf"(?<![0-9A-Za-z]){re.escape(w)}(?![0-9A-Za-z])" for w in words), re.IGNORECASE)
+            return
+        pattern = re.compile("|".join(rf"(?<![0-9A-Za-z]){re.escape(w)}(?![0-9A-Za-z])"
+                                      for w in sorted(words, key=len, reverse=True)), re.IGNORECASE)
+        for elem in self.to_clean:
+            if isinstance(elem.value, (MultiValue, list)):
+                elem.value = [pattern.sub("", str(v)).strip() for v in elem.value]
+            else:
+                elem.value = pattern.sub("", str(elem.value)).strip()
 
 
 class Deidentifier:
     """Applies the Basic Profile with the claimed options; one per process, thread-safe."""
 
-    def __init__(self, pseudonyms: Pseudonymizer, options: Iterable[str] = ()) -> None:
+    def __init__(self, pseudonyms: Pseudonymizer, options: Iterable[str] = (),
+                 overrides: Iterable[tuple[int, str, Any]] = ()) -> None:
         self.options = frozenset(options)
         unknown = self.options - set(SUPPORTED_OPTIONS)
         if unknown:
@@ -130,12 +154,18 @@ class Deidentifier:
         self.private_action = resolve(TABLE["private"], self.options)
         self.safe_private = {(creator, int(group, 16), int(low, 16)) for creator, group, low in TABLE["safe_private"]}
         # Claimed options in table order: the codes written to DeidentificationMethodCodeSequence.
-        self.applied = [TABLE["basic_profile"]] + [TABLE["options"][o] for o in SUPPORTED_OPTIONS if o in self.options]
+        self.applied = [TABLE["basic_profile"]] + [TABLE["options"][o] for o in TABLE_OPTIONS if o in self.options]
+        # Rows with a Clean Descriptors column describe rather than identify: not leak-guard needles.
+        self.descriptors = {int(tag, 16) for tag, rule in TABLE["tags"].items() if "clean_descriptors" in rule["options"]}
+        self.overrides = tuple(overrides)
 
     # -- public ---------------------------------------------------------------------------------
 
-    def apply(self, ds: FileDataset) -> DeidRecord:
-        """De-identify `ds` in place and return the original ↔ pseudonym record."""
+    def apply(self, ds: FileDataset, extra_codes: Sequence[dict[str, str]] = ()) -> DeidRecord:
+        """De-identify `ds` in place and return the original ↔ pseudonym record.
+
+        `extra_codes` are further CID 7050 codes to declare (Clean Pixel Data when pixels were cleaned).
+        """
         record = self._originals(ds)
         key = patient_key(record.patient_id, record.issuer_of_patient_id, record.patient_name,
                           record.patient_birth_date, record.study_instance_uid)
@@ -149,32 +179,39 @@ class Deidentifier:
             shift_days=self.pseudonyms.date_offset_days(key) if "retain_long_modified_dates" in self.options else None,
             identifiers=_identifiers(ds),
         )
+        kept_by_override = {tag: ds[tag] for tag, action, _ in self.overrides if action == "keep" and tag in ds}
         self._walk(ds, ctx)
+        ctx.clean_text()
         # Type 2 in every composite IOD: present even if the sender left them out.
         ds.PatientID = record.pseudo_patient_id
         ds.PatientName = record.pseudo_patient_name
         record.pseudo_study_instance_uid = self._uid(record.study_instance_uid, ctx)
         record.pseudo_series_instance_uid = self._uid(record.series_instance_uid, ctx)
         record.pseudo_sop_instance_uid = self._uid(record.sop_instance_uid, ctx)
-        self._mark(ds)
+        record.overrides = self._override(ds, kept_by_override)
+        applied = self.applied + list(extra_codes)
+        self._mark(ds, applied)
         self._file_meta(ds)
-        record.method_codes = tuple(code["code"] for code in self.applied)
+        record.method_codes = tuple(code["code"] for code in applied)
         return record
 
     # -- the walk -------------------------------------------------------------------------------
 
-    def _walk(self, ds: Dataset, ctx: _Context) -> None:
+    def _walk(self, ds: Dataset, ctx: _Context, mode: str = "") -> None:
+        """Apply the table to every element of `ds`; `mode` is "dummy" inside a D sequence, "clean" inside C."""
         self._private(ds)
         for tag in list(ds.keys()):
             if tag & 0xFFFF == 0 or tag >> 16 & 1:  # group lengths go (recomputed); private done above
                 if tag & 0xFFFF == 0:
                     del ds[tag]
                 continue
+            if tag not in ds:  # went with its overlay group
+                continue
             action = self._action(tag)
             if action is None:
-                self._untabled(ds, tag, ctx)
+                self._untabled(ds, tag, ctx, mode)
             else:
-                self._act(ds, tag, action, ctx)
+                self._act(ds, tag, action, ctx, mode)
 
     def _action(self, tag: int) -> str | None:
         action = self.actions.get(tag)
@@ -207,41 +244,79 @@ class Deidentifier:
         name = str(creator.value).strip() if creator is not None and creator.value else ""
         return (name, group, element & 0xFF) in self.safe_private
 
-    def _untabled(self, ds: Dataset, tag: int, ctx: _Context) -> None:
-        """Not in Table E.1-1: kept, but instance UIDs are remapped and sequences walked."""
+    def _untabled(self, ds: Dataset, tag: int, ctx: _Context, mode: str) -> None:
+        """Not in Table E.1-1: kept, but instance UIDs are remapped, sequences walked, and free text
+        inside a D (dummy) or C (clean) sequence replaced or cleaned like the sequence itself."""
         vr = _vr(ds, tag)
         if vr == "SQ":
             for item in ds[tag].value:
-                self._walk(item, ctx)
+                self._walk(item, ctx, mode)
         elif vr == "UI" and not ctx.keep_uids and not DEFINITION_UID.search(keyword_for_tag(tag) or ""):
             self._remap(ds[tag], ctx)
+        elif mode and vr in FREE_TEXT_VRS and ds[tag].value not in (None, ""):
+            if mode == "dummy":
+                self._note(ctx, tag, vr, ds[tag].value)
+                ds[tag].value = DUMMY[vr]
+            else:
+                self._clean(ds[tag], vr, ctx)
 
-    def _act(self, ds: Dataset, tag: int, action: str, ctx: _Context) -> None:
+    def _act(self, ds: Dataset, tag: int, action: str, ctx: _Context, mode: str) -> None:
         vr = _vr(ds, tag)
-        if vr == "SQ":
-            action = COMBINED_SQ.get(action, action)
-        else:
-            action = COMBINED.get(action, action)
+        action = (COMBINED_SQ if vr == "SQ" else COMBINED).get(action, action)
+        if action != "K" and vr in NEEDLE_VRS and (action != "C" or vr in ("PN", "DA", "DT", "UI")):
+            self._note(ctx, tag, vr, ds[tag].value)  # C keeps cleaned text: not a needle itself
         if action == "X":
-            del ds[tag]
+            self._remove(ds, tag)
         elif action == "K":
             if vr == "SQ":
                 for item in ds[tag].value:
-                    self._walk(item, ctx)
+                    self._walk(item, ctx, mode)
         elif tag in (PATIENT_ID, PATIENT_NAME, ACCESSION_NUMBER):
             self._identity(ds[tag], ctx)
         elif action == "Z":
             ds[tag].value = [] if vr == "SQ" else None
         elif action == "D":
-            self._dummy(ds[tag], vr, ctx)
+            if vr == "SQ":
+                for item in ds[tag].value:
+                    self._walk(item, ctx, "dummy")
+            else:
+                self._dummy(ds[tag], vr, ctx)
         elif action == "U":
             self._remap(ds[tag], ctx)
         elif action == "C":
-            self._clean(ds[tag], vr, ctx)
+            if vr == "SQ":
+                for item in ds[tag].value:
+                    self._walk(item, ctx, "clean")
+            elif tag >> 16 & 0xFF00 == 0x6000 and tag & 0xFFFF == 0x3000:
+                self._clean_overlay(ds, tag)
+            else:
+                self._clean(ds[tag], vr, ctx)
         else:
             raise DeidError(f"no rule for action {action} on ({tag >> 16:04X},{tag & 0xFFFF:04X})")
 
+    def _note(self, ctx: _Context, tag: int, vr: str, value: Any) -> None:
+        """Remember an identifying original for the leak guard (descriptors are not identifying)."""
+        if vr in ("PN", "DA", "DT", "UI") or tag not in self.descriptors:
+            ctx.record.removed_values.append((vr, value))
+
     # -- actions --------------------------------------------------------------------------------
+
+    @staticmethod
+    def _remove(ds: Dataset, tag: int) -> None:
+        """X. Overlay data (60xx,3000) takes its whole overlay group: an overlay without data is not one."""
+        group = tag >> 16
+        if group & 0xFF00 == 0x6000 and tag & 0xFFFF == 0x3000:
+            for other in [t for t in ds.keys() if t >> 16 == group]:
+                del ds[other]
+        else:
+            del ds[tag]
+
+    def _clean_overlay(self, ds: Dataset, tag: int) -> None:
+        """Clean Graphics on overlay data: an ROI overlay (type R) is outlines, kept; a graphics
+        overlay (type G) may be burned-in text, which cannot be told from shapes: removed."""
+        overlay_type = ds.get((tag & 0xFFFF0000) | 0x0040)
+        if overlay_type is None or str(overlay_type.value).strip().upper() != "R":
+            self._remove(ds, tag)
 
     def _identity(self, elem: DataElement, ctx: _Context) -> None:
         """PatientID, PatientName and AccessionNumber get pseudonyms wherever they occur."""
@@ -294,21 +369,36 @@ class Deidentifier:
             elem.value = _shift(elem.value, vr, ctx.shift_days) if ctx.shift_days is not None else DUMMY[vr]
         elif vr == "PN":
             elem.value = TEXT if elem.value else None
-        elif vr in TEXT_VRS and elem.value and ctx.identifying_text is not None:
-            pattern = ctx.identifying_text
-            if isinstance(elem.value, (MultiValue, list)):
-                elem.value = [pattern.sub("", str(v)) for v in elem.value]
-            else:
-                elem.value = pattern.sub("", str(elem.value))
+        elif vr in TEXT_VRS and elem.value:
+            ctx.to_clean.append(elem)  # once every identifying value of the dataset is known
         # TM, AS, numbers and binary values carry no identity once dates are shifted: kept.
 
     # -- attributes the profile adds --------------------------------------------------------------
 
-    def _mark(self, ds: Dataset) -> None:
+    def _override(self, ds: Dataset, kept: dict[int, DataElement]) -> tuple[str, ...]:
+        """[anonymization.overrides], top level, after the profile: keep, remove, empty or set."""
+        applied = []
+        for tag, action, value in self.overrides:
+            name = keyword_for_tag(tag) or f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
+            if action == "keep" and tag in kept:
+                ds[tag] = kept[tag]
+            elif action == "remove" and tag in ds:
+                del ds[tag]
+            elif action == "empty":
+                ds[tag] = DataElement(tag, _vr(ds, tag) if tag in ds else _dictionary_vr(tag), None)
+            elif action == "set":
+                ds[tag] = DataElement(tag, _vr(ds, tag) if tag in ds else _dictionary_vr(tag), value)
+            else:
+                continue
+            applied.append(f"{name}={action}")
+        return tuple(applied)
+
+
+    def _mark(self, ds: Dataset, applied: Sequence[dict[str, str]]) -> None:
         ds.PatientIdentityRemoved = "YES"
-        ds.DeidentificationMethod = [f"telenode {__version__}"] + [code["meaning"] for code in self.applied]
+        ds.DeidentificationMethod = [f"telenode {__version__}"] + [code["meaning"] for code in applied]
         items = []
-        for code in self.applied:
+        for code in applied:
             item = Dataset()
             item.CodeValue = code["code"]
             item.CodingSchemeDesignator = "DCM"
@@ -351,8 +441,8 @@ class Deidentifier:
             sop_instance_uid=text("SOPInstanceUID"),
             sop_class_uid=text("SOPClassUID"),
         )
-        if not record.study_instance_uid or not record.series_instance_uid:
-            raise DeidError("no Study or Series Instance UID")
+        if not record.study_instance_uid or not record.series_instance_uid or not record.sop_instance_uid:
+            raise DeidError("no Study, Series or SOP Instance UID")
         return record
 
 
@@ -368,19 +458,29 @@ def _vr(ds: Dataset, tag: int) -> str:
         return str(vr or "UN")
 
 
+def _dictionary_vr(tag: int) -> str:
+    try:
+        return str(dictionary_VR(tag)).split(" or ")[0]
+    except KeyError:
+        return "UN"
+
+
 def _shift(value: Any, vr: str, days: int) -> Any:
     """Move every date (DA, or the date part of DT) by `days`; a value that isn't a date becomes the dummy."""
     values = list(value) if isinstance(value, (MultiValue, list)) else [value]
     shifted = []
     for item in values:
         text = str(item).strip()
+        if not text:  # an unknown date stays unknown: C never invents one
+            shifted.append("")
+            continue
         try:
             day = datetime.datetime.strptime(text[:8], "%Y%m%d").date() + datetime.timedelta(days=days)
         except ValueError:
             shifted.append(DUMMY[vr])
             continue
         shifted.append(day.strftime("%Y%m%d") + (text[8:] if vr == "DT" else ""))
-    return shifted if len(shifted) > 1 else (shifted[0] if shifted else None)
+    return shifted if len(shifted) > 1 else (shifted[0] or None if shifted else None)
 
 
 def _identifiers(ds: Dataset) -> list[str]:

@@ -1,0 +1,198 @@
+"""The leak guard: no identifying value of the input may survive in the output.
+
+A profile alone never guarantees that: vendors put names in free text, in
+private tags, in odd places. Before an instance is spooled, the guard takes
+the identifying values the rule engine removed or replaced (every value it
+did not keep), turns them into needles, and searches every element of the
+de-identified dataset for them: file meta, sequences, private elements,
+text and small binary values alike (pixel data excepted), case-insensitively.
+
+Which values become needles (the documented rule, so that common values raise
+no false alarm):
+
+* person names (PN): the whole name and each component of 3 characters or
+  more, except components that are words of the DICOM dictionary's attribute
+  names or placeholders ("Last^First", "Enter text");
+* text (AE, CS, LO, SH, ST, LT, UT, UC, UR) of attributes that identify rather
+  than describe (Table E.1-1 rows without a Clean Descriptors column: IDs,
+  addresses, telephone numbers, institution, station, device serials…): the
+  whole value when it has 4 characters or more — descriptors (study
+  description, protocol name, comments) are not needles: their words
+  legitimately recur in kept attributes;
+* dates (DA, and the date part of DT): YYYYMMDD and YYYY-MM-DD, except the
+  dummy date 19000101;
+* UIDs (UI) that were remapped: the original UID;
+* never: times, numbers, binary values, values with fewer than two letters
+  unless they hold 6 or more digits that are not all the same (so not "-0400",
+  "0000000", series numbers or counts), and any text or date that the
+  output keeps on purpose as the whole value of some element (an option
+  retained it there). Person names and UIDs are never excused.
+
+A needle matches only between characters that are not letters, digits or
+"_" ("ANN" does not match inside "ANNOTATION", "TOSHIBA" not inside
+"TOSHIBA_MEC"). Code strings (CS) and coded values (Code Value, Coding Scheme
+Designator, …) are not searched: they hold a scheme's words, not free text.
+A hit names the attribute path, never the value.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any, Iterable, Iterator
+
+from pydicom.datadict import DicomDictionary
+from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
+
+from node.deid.record import DeidRecord
+
+TEXT_VRS = frozenset({"AE", "CS", "LO", "SH", "ST", "LT", "UT", "UC", "UR"})
+SKIP_TAGS = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009})  # pixel data is not searched
+#: Coded values: words from a coding scheme, not free text ("TEST" the code is not Mr Test).
+CODE_KEYWORDS = frozenset({"CodeValue", "CodingSchemeDesignator", "CodingSchemeVersion", "LongCodeValue",
+                           "URNCodeValue", "ContextIdentifier", "MappingResource", "ContextGroupVersion"})
+MAX_BINARY = 1 << 20  # larger binary values (waveforms, documents already replaced) are not searched
+DUMMIES = frozenset({"ANONYMIZED", "19000101", "19000101000000"})
+#: Needle kinds an option may keep on purpose elsewhere; names and UIDs never are.
+RETAINABLE = frozenset({"text", "date"})
+
+
+@dataclass(frozen=True)
+class Leak:
+    """Where an identifying value was found (the value itself is never carried)."""
+
+    path: str
+    kind: str
+
+    def __str__(self) -> str:
+        return f"identifying value ({self.kind}) found in {self.path}"
+
+
+def needles(removed: Iterable[tuple[str, Any]]) -> dict[str, str]:
+    """Needle (upper case) → kind, from (VR, original value) pairs the engine did not keep."""
+    found: dict[str, str] = {}
+    for vr, value in removed:
+        for text in _strings(value):
+            for needle, kind in _needles_of(vr, text):
+                if needle and needle.upper() not in DUMMIES:
+                    found.setdefault(needle.upper(), kind)
+    return found
+
+
+def _needles_of(vr: str, text: str) -> Iterator[tuple[str, str]]:
+    text = text.strip().strip("\x00").strip()
+    if vr == "PN":
+        if len(text) >= 3 and not _weak(text):
+            yield text, "person name"
+        for part in re.split(r"[\^=,. ]+", text):
+            if len(part) >= 3 and not _weak(part) and part.upper() not in vocabulary():
+                yield part, "person name component"
+    elif vr in TEXT_VRS:
+        if len(text) >= 4 and not _weak(text) and text.upper() not in vocabulary():
+            yield text, "text"
+    elif vr in ("DA", "DT"):
+        date = text[:8]
+        if re.fullmatch(r"\d{8}", date):
+            yield date, "date"
+            yield f"{date[:4]}-{date[4:6]}-{date[6:]}", "date"
+    elif vr == "UI":
+        if len(text) >= 10:
+            yield text, "UID"
+
+
+#: Placeholders that test and demo data put where names go.
+PLACEHOLDERS = frozenset({"ENTER", "HERE", "UNKNOWN", "ANONYMOUS", "NONE", "NULL", "TEST", "DEMO", "SAMPLE"})
+
+
+@lru_cache(maxsize=1)
+def vocabulary() -> frozenset[str]:
+    """Words of the DICOM data dictionary's attribute names ("NAME", "FIRST", "LAST", "GREEN"…), plus
+    placeholders: as a name component or a short value they would raise false alarms on coded text."""
+    words = {w.upper() for entry in DicomDictionary.values() for w in re.split(r"[^A-Za-z]+", entry[2]) if len(w) >= 3}
+    return frozenset(words | PLACEHOLDERS)
+
+
+def _weak(text: str) -> bool:
+    """Too common to search for: fewer than 2 letters unless 6+ digits that aren't one repeated digit."""
+    letters = sum(c.isalpha() for c in text)
+    digits = [c for c in text if c.isdigit()]
+    if letters >= 2:
+        return False
+    return not (len(digits) >= 6 and len(set(digits)) > 1)
+
+
+def _strings(value: Any) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, (MultiValue, list, tuple)):
+        return [str(v) for v in value if v not in (None, "")]
+    if isinstance(value, bytes):
+        return []
+    return [str(value)]
+
+
+class Guard:
+    """Searches a de-identified dataset for the needles of its original."""
+
+    def check(self, ds: Dataset, record: DeidRecord) -> Leak | None:
+        """The first leak found in `ds` (file meta included), or None."""
+        found = needles(record.removed_values)
+        if not found:
+            return None
+        kept = {text.upper() for _, _, text in _texts(ds) if len(text) <= 64}
+        meta = getattr(ds, "file_meta", None)
+        if meta is not None:
+            kept |= {text.upper() for _, _, text in _texts(meta) if len(text) <= 64}
+        live = {n: k for n, k in found.items() if n not in kept or k not in RETAINABLE}
+        if not live:
+            return None
+        everything = _pattern(live)
+        uids = _pattern({n: k for n, k in live.items() if k == "UID"})
+        for dataset in (meta, ds):
+            if dataset is None:
+                continue
+            for path, vr, text in _texts(dataset):
+                # UI values hold only digits and dots: searched for original UIDs, not for text
+                pattern = uids if vr == "UI" else everything
+                hit = pattern.search(text) if pattern is not None else None
+                if hit:
+                    return Leak(path, live.get(hit.group(0).upper(), "value"))
+        return None
+
+
+def _pattern(live: dict[str, str]) -> re.Pattern[str] | None:
+    if not live:
+        return None
+    words = sorted(live, key=len, reverse=True)
+    return re.compile("|".join(rf"(?<![0-9A-Za-z_]){re.escape(n)}(?![0-9A-Za-z_])" for n in words), re.IGNORECASE)
+
+
+def _texts(ds: Dataset, prefix: str = "") -> Iterator[tuple[str, str, str]]:
+    """(attribute path, VR, text) for every searchable value, recursing into sequences."""
+    for tag in list(ds.keys()):
+        if tag in SKIP_TAGS:
+            continue
+        raw = ds.get_item(tag)
+        length = getattr(raw, "length", 0) or 0
+        if length > MAX_BINARY and length != 0xFFFFFFFF:
+            continue
+        elem = ds[tag]
+        name = elem.keyword or f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
+        path = f"{prefix}{name}"
+        if elem.VR == "SQ":
+            for index, item in enumerate(elem.value or []):
+                yield from _texts(item, f"{path}[{index}].")
+            continue
+        if elem.VR == "CS" or elem.keyword in CODE_KEYWORDS:
+            continue
+        value = elem.value
+        if value is None or value == "":
+            continue
+        if isinstance(value, bytes):
+            if len(value) <= MAX_BINARY:
+                yield path, elem.VR, value.decode("latin-1")
+            continue
+        for text in _strings(value):
+            yield path, elem.VR, text
