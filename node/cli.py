@@ -20,10 +20,11 @@ from typing import Iterator, Sequence
 
 from node import __version__, config, log
 from node.deid import Deidentifier, Pseudonymizer, load_or_create_key
+from node.deid.guard import Guard
 from node.deid.pseudonyms import KeyFileError
 from node.forward import Forwarder
-from node.pipeline import Pipeline, Rejected, anonymize_file
-from node.spool import Spool
+from node.pipeline import Held, Pipeline, Rejected, Safeguards
+from node.spool import Quarantine, Spool
 from node.store import Store
 
 EXIT_CONFIG = 2
@@ -56,9 +57,18 @@ def _deidentifier(settings: config.Settings) -> Deidentifier:
         raise Fatal(f"telenode: configuration error: {settings.path}: anonymization.key_file: "
                     f"{settings.key_file}: {reason}") from None
     try:
-        return Deidentifier(Pseudonymizer(key, settings.organization), settings.profile_options)
+        return Deidentifier(Pseudonymizer(key, settings.organization), settings.profile_options, settings.overrides)
     except ValueError as exc:
         raise Fatal(f"telenode: configuration error: {settings.path}: anonymization.profile_options: {exc}") from None
+
+
+def _safeguards(settings: config.Settings) -> Safeguards:
+    return Safeguards(
+        burned_in=settings.burned_in,
+        clean_pixels="clean_pixel_data" in settings.profile_options,
+        pixel_rules=settings.pixel_rules,
+        guard=Guard() if settings.leak_guard else None,
+    )
 
 
 def _store(settings: config.Settings) -> Store:
@@ -78,7 +88,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     spool.cleanup_tmp()
     forwarders = [Forwarder(d, store, spool, settings.ae_title) for d in settings.destinations]
     pipeline = Pipeline(deidentifier, store, spool, [d.name for d in settings.destinations],
-                        on_queued=lambda: [f.wake() for f in forwarders])
+                        on_queued=lambda: [f.wake() for f in forwarders],
+                        safeguards=_safeguards(settings), quarantine=Quarantine(settings.quarantine_dir))
     from node import scp  # imported here: it switches pynetdicom to chunked, unrestricted storage
 
     try:
@@ -98,7 +109,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     logger.info("node_stopping")
     server.shutdown()  # no new associations; those in flight finish their C-STOREs
     deadline = time.monotonic() + 30
-    while server.ae.active_associations and time.monotonic() < deadline:
+    # Only associations that are established have C-STOREs in flight; a bare TCP connection
+    # (a load balancer's health check) would otherwise hold the stop until its ACSE timeout.
+    while any(a.is_established for a in server.ae.active_associations) and time.monotonic() < deadline:
         time.sleep(0.1)
     for forwarder in forwarders:
         forwarder.stop()
@@ -126,14 +139,20 @@ def cmd_anonymize(args: argparse.Namespace) -> int:
     deidentifier = _deidentifier(settings)
     store = _store(settings)
     output = Path(args.output)
+    pipeline = Pipeline(deidentifier, store, None, [], safeguards=_safeguards(settings),
+                        quarantine=Quarantine(settings.quarantine_dir))
     done = failed = 0
     try:
         for source, relative in _inputs(args.inputs):
             try:
-                record = anonymize_file(deidentifier, store, source, output / relative)
+                record = pipeline.anonymize(source, output / relative)
             except Rejected as exc:
                 failed += 1
                 logger.warning("file_refused", file=str(relative), status=f"0x{exc.status:04X}", reason=exc.comment)
+            except Held as exc:
+                failed += 1
+                logger.warning("file_quarantined", file=str(relative), reason=exc.reason,
+                               quarantine_id=exc.quarantine_id)
             except OSError as exc:
                 failed += 1
                 logger.warning("file_failed", file=str(relative), reason=exc.strerror or type(exc).__name__)
@@ -172,17 +191,19 @@ def cmd_status(args: argparse.Namespace) -> int:
         queues = store.status()
     finally:
         store.close()
+    quarantined = Quarantine(settings.quarantine_dir).count() if settings.quarantine_dir.exists() else 0
     for destination in settings.destinations:
         queues.setdefault(destination.name, {"pending": 0, "sent": 0, "failed": 0,
                                              "oldest_pending_age_s": None, "last_error": None})
     if args.json:
-        print(json.dumps({"destinations": queues}, indent=2, sort_keys=True))
+        print(json.dumps({"destinations": queues, "quarantine": quarantined}, indent=2, sort_keys=True))
         return 0
     print(f"{'destination':<20} {'pending':>8} {'sent':>8} {'failed':>8} {'oldest':>9}  last error")
     for name, row in sorted(queues.items()):
         age = row.get("oldest_pending_age_s")
         print(f"{name:<20} {row['pending']:>8} {row['sent']:>8} {row['failed']:>8} "
               f"{'-' if age is None else f'{age:.0f}s':>9}  {row.get('last_error') or ''}")
+    print(f"quarantine: {quarantined} instance(s) in {settings.quarantine_dir}")
     return 0
 
 

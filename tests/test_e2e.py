@@ -211,3 +211,15 @@ def test_sigkill_with_remote_down_loses_nothing_and_sends_once(tmp_path, make_no
         assert node.stop() == 0
     finally:
         remote.stop()
+
+
+def test_sigterm_is_not_held_by_an_idle_tcp_connection(tmp_path, make_node):
+    """A health check that connects and sends nothing must not delay a graceful stop by the ACSE timeout."""
+    import socket
+    import time
+
+    node = make_node([("TELERAD", free_port())]).start()
+    with socket.create_connection(("127.0.0.1", node.port)):
+        started = time.monotonic()
+        assert node.stop() == 0
+        assert time.monotonic() - started < 10
