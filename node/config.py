@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from pydicom.datadict import tag_for_keyword
+
 #: PS3.15 Annex E options, as named in ``[anonymization] profile_options``.
 PROFILE_OPTIONS: tuple[str, ...] = (
     "retain_safe_private",
@@ -26,7 +28,10 @@ PROFILE_OPTIONS: tuple[str, ...] = (
     "clean_descriptors",
     "clean_structured_content",
     "clean_graphics",
+    "clean_pixel_data",  # PS3.15 E.3.1 (113101): blank configured rectangles; not a Table E.1-1 column
 )
+BURNED_IN_POLICIES = ("reject", "quarantine", "pass")
+OVERRIDE_ACTIONS = ("keep", "remove", "empty", "set")
 
 
 class ConfigError(Exception):
@@ -54,6 +59,19 @@ class Destination:
 
 
 @dataclass(frozen=True)
+class PixelRule:
+    """Rectangles to blank (clean_pixel_data) in images that match every given criterion."""
+
+    rectangles: tuple[tuple[int, int, int, int], ...]  # (x, y, width, height) in pixels
+    modality: str = ""
+    manufacturer: str = ""  # case-insensitive substring
+    model: str = ""  # case-insensitive substring of Manufacturer's Model Name
+    sop_class_uid: str = ""
+    rows: int = 0
+    columns: int = 0
+
+
+@dataclass(frozen=True)
 class Settings:
     """The whole validated configuration of one node."""
 
@@ -74,6 +92,14 @@ class Settings:
     max_pdu: int = 131072
     log_format: str = "auto"
     log_level: str = "info"
+    burned_in: str = "quarantine"
+    leak_guard: bool = True
+    overrides: tuple[tuple[int, str, Any], ...] = ()  # (tag, keep|remove|empty|set, value)
+    pixel_rules: tuple[PixelRule, ...] = ()
+
+    @property
+    def quarantine_dir(self) -> Path:
+        return self.data_dir / "quarantine"
 
     @property
     def database(self) -> Path:
@@ -150,6 +176,19 @@ ANON_KEYS: dict[str, tuple[Any, Any, Check | None]] = {
     "profile_options": (list, [], _options),
     "organization": (str, "ORG", _organization),
     "key_file": (str, "var/pseudonym.key", None),
+    "burned_in": (str, "quarantine", _one_of(*BURNED_IN_POLICIES)),
+    "leak_guard": (bool, True, None),
+    "overrides": (dict, {}, None),
+    "pixel_rules": (list, [], None),
+}
+PIXEL_RULE_KEYS: dict[str, tuple[Any, Any, Check | None]] = {
+    "rectangles": (list, REQUIRED, None),
+    "modality": (str, "", None),
+    "manufacturer": (str, "", None),
+    "model": (str, "", None),
+    "sop_class_uid": (str, "", None),
+    "rows": (int, 0, None),
+    "columns": (int, 0, None),
 }
 DEST_KEYS: dict[str, tuple[Any, Any, Check | None]] = {
     "name": (str, REQUIRED, lambda v: None if v.strip() else "must not be empty"),
@@ -167,7 +206,8 @@ DEST_KEYS: dict[str, tuple[Any, Any, Check | None]] = {
     "max_retry_delay": (NUMBER, 300.0, _positive),
     "max_failures": (int, 3, _positive),
 }
-TYPE_NAMES = {str: "a string", int: "an integer", list: "a list", NUMBER: "a number", dict: "a table"}
+TYPE_NAMES = {str: "a string", int: "an integer", list: "a list", NUMBER: "a number", dict: "a table",
+              bool: "true or false"}
 
 
 def _section(path: Path, name: str, raw: Any, spec: dict) -> dict[str, Any]:
@@ -186,7 +226,7 @@ def _section(path: Path, name: str, raw: Any, spec: dict) -> dict[str, Any]:
             values[key] = default
             continue
         value = raw[key]
-        if isinstance(value, bool) or not isinstance(value, kind):
+        if (isinstance(value, bool) and kind is not bool) or not isinstance(value, kind):
             raise ConfigError(f"{path}: {dotted}: must be {TYPE_NAMES[kind]}, not {type(value).__name__}")
         problem = check(value) if check else None
         if problem:
@@ -255,7 +295,57 @@ def load(path: str | os.PathLike[str]) -> Settings:
         max_pdu=node["max_pdu"],
         log_format=node["log_format"],
         log_level=node["log_level"],
+        burned_in=anon["burned_in"],
+        leak_guard=anon["leak_guard"],
+        overrides=_overrides(path, anon["overrides"]),
+        pixel_rules=_pixel_rules(path, anon["pixel_rules"]),
     )
+
+
+def _tag(text: str) -> int | None:
+    """A keyword (InstitutionName) or a tag written (0008,0080), 0008,0080 or 00080080."""
+    tag = tag_for_keyword(text)
+    if tag is not None:
+        return tag
+    digits = text.strip("()").replace(",", "")
+    if len(digits) == 8 and all(c in "0123456789abcdefABCDEF" for c in digits):
+        return int(digits, 16)
+    return None
+
+
+def _overrides(path: Path, raw: dict) -> tuple[tuple[int, str, Any], ...]:
+    """[anonymization.overrides]: KEY = "keep" | "remove" | "empty" | { set = VALUE }."""
+    result = []
+    for key, value in raw.items():
+        where = f"{path}: anonymization.overrides.{key}"
+        tag = _tag(key)
+        if tag is None:
+            raise ConfigError(f"{where}: not a DICOM keyword or tag")
+        if isinstance(value, dict):
+            if set(value) != {"set"} or isinstance(value["set"], (dict, bool)):
+                raise ConfigError(f"{where}: a table must be {{ set = VALUE }} with a string, number or list")
+            result.append((tag, "set", value["set"]))
+        elif value in ("keep", "remove", "empty"):
+            result.append((tag, value, None))
+        else:
+            raise ConfigError(f"{where}: must be \"keep\", \"remove\", \"empty\" or {{ set = VALUE }}")
+    return tuple(result)
+
+
+def _pixel_rules(path: Path, raw: list) -> tuple[PixelRule, ...]:
+    rules = []
+    for index, item in enumerate(raw):
+        name = f"anonymization.pixel_rules[{index}]"
+        values = _section(path, name, item, PIXEL_RULE_KEYS)
+        rectangles = values.pop("rectangles")
+        if not rectangles or not all(
+            isinstance(r, list) and len(r) == 4 and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                                                        for v in r) and r[2] > 0 and r[3] > 0 for r in rectangles
+        ):
+            raise ConfigError(f"{path}: {name}.rectangles: must be a non-empty list of [x, y, width, height] "
+                              "non-negative integers")
+        rules.append(PixelRule(rectangles=tuple(tuple(r) for r in rectangles), **values))
+    return tuple(rules)
 
 
 def _destinations(path: Path, raw: Any) -> tuple[Destination, ...]:

@@ -13,7 +13,7 @@ import errno
 import os
 import sqlite3
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Callable, Sequence
 
@@ -23,9 +23,12 @@ from pydicom.dataset import FileDataset
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
 
 from node import log
+from node.config import PixelRule
 from node.deid import DeidError, Deidentifier
+from node.deid.guard import Guard
+from node.deid.pixels import CLEAN_PIXEL_DATA, blank, burned_in_reason, matching_rule
 from node.deid.record import DeidRecord
-from node.spool import Spool, atomic_write
+from node.spool import Quarantine, Spool, atomic_write
 from node.store import Store
 
 # Values never leave through warnings: pydicom's validation warnings quote element values.
@@ -102,10 +105,10 @@ def _short_element(ds: FileDataset) -> bool:
     return False
 
 
-def deidentify(deidentifier: Deidentifier, ds: FileDataset) -> DeidRecord:
+def deidentify(deidentifier: Deidentifier, ds: FileDataset, extra_codes: Sequence[dict[str, str]] = ()) -> DeidRecord:
     """Apply the profile in place; any doubt is a refusal, never a pass-through."""
     try:
-        return deidentifier.apply(ds)
+        return deidentifier.apply(ds, extra_codes)
     except DeidError as exc:
         raise Rejected(CANNOT_DEIDENTIFY, f"cannot de-identify: {exc}"[:64]) from None
     except Exception as exc:  # a value pydicom cannot decode, a malformed sequence, …
@@ -131,30 +134,55 @@ def is_out_of_space(exc: BaseException) -> bool:
     return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
+@dataclass(frozen=True)
+class Safeguards:
+    """What is checked around the profile: burned-in text policy, pixel cleaning, the leak guard."""
+
+    burned_in: str = "quarantine"  # reject | quarantine | pass
+    clean_pixels: bool = False  # the Clean Pixel Data option is claimed
+    pixel_rules: tuple[PixelRule, ...] = ()
+    guard: Guard | None = field(default_factory=Guard)
+
+
+class Held(Exception):
+    """An instance kept in quarantine instead of being forwarded."""
+
+    def __init__(self, status: int, reason: str, quarantine_id: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+        self.quarantine_id = quarantine_id
+
+
 class Pipeline:
-    """Receive one instance: de-identify, spool, record and queue it in one durable step."""
+    """Receive one instance: de-identify, check, spool, record and queue it in one durable step."""
 
     def __init__(
         self,
         deidentifier: Deidentifier,
         store: Store,
-        spool: Spool,
+        spool: Spool | None,
         destinations: Sequence[str],
         on_queued: Callable[[], None] = lambda: None,
+        *,
+        safeguards: Safeguards = Safeguards(),
+        quarantine: Quarantine | None = None,
     ) -> None:
         self.deidentifier = deidentifier
         self.store = store
         self.spool = spool
         self.destinations = tuple(destinations)
         self.on_queued = on_queued
+        self.safeguards = safeguards
+        self.quarantine = quarantine
         self.log = log.get("pipeline")
 
     def receive(self, source: str | os.PathLike[str], *, calling_aet: str, priority: int = 0) -> Outcome:
         """Handle one received C-STORE data set (a Part 10 file); never raises."""
+        assert self.spool is not None, "receiving needs a spool"
         started = time.perf_counter()
         try:
-            ds = read(source)
-            record = deidentify(self.deidentifier, ds)
+            ds, record = self._prepare(source, calling_aet)
             size, target = self._spool(ds, record)
             self.store.record_instance(
                 record,
@@ -169,6 +197,10 @@ class Pipeline:
             self.log.warning("instance_refused", calling_aet=calling_aet, status=f"0x{exc.status:04X}",
                              reason=exc.comment)
             return Outcome(exc.status, exc.comment)
+        except Held as exc:
+            self.log.warning("instance_quarantined", calling_aet=calling_aet, status=f"0x{exc.status:04X}",
+                             reason=exc.reason, quarantine_id=exc.quarantine_id)
+            return Outcome(exc.status, exc.reason)
         except (OSError, sqlite3.Error) as exc:
             reason = "disk full" if is_out_of_space(exc) else f"storage error ({type(exc).__name__})"
             self.log.error("instance_not_stored", calling_aet=calling_aet, status="0xA700", reason=reason)
@@ -190,7 +222,57 @@ class Pipeline:
         )
         return Outcome(SUCCESS, sop_instance_uid=record.pseudo_sop_instance_uid)
 
+    def anonymize(self, source: Path, target: Path) -> DeidRecord:
+        """De-identify one file offline into `target` and record its mappings; raise Rejected or Held."""
+        ds, record = self._prepare(source, "")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        encode(lambda write: atomic_write(target, write), ds)
+        self.store.record_mapping(record, source="anonymize")
+        return record
+
+    def _prepare(self, source: str | os.PathLike[str], calling_aet: str) -> tuple[FileDataset, DeidRecord]:
+        """Parse, apply the burned-in policy, de-identify, and let the leak guard look at the result."""
+        ds = read(source)
+        extra_codes = self._pixels(ds, source, calling_aet)
+        record = deidentify(self.deidentifier, ds, extra_codes)
+        guard = self.safeguards.guard
+        leak = guard.check(ds, record) if guard is not None else None
+        if leak is not None:
+            self._hold(source, calling_aet, "leak_guard", str(leak), CANNOT_DEIDENTIFY,
+                       sop_instance_uid=record.pseudo_sop_instance_uid)
+        return ds, record
+
+    def _pixels(self, ds: FileDataset, source: str | os.PathLike[str], calling_aet: str) -> list[dict[str, str]]:
+        """Burned-in text: blank it with a matching pixel rule, or apply the policy. Returns extra method codes."""
+        reason = burned_in_reason(ds)
+        if reason is None:
+            return []
+        rule = matching_rule(ds, self.safeguards.pixel_rules) if self.safeguards.clean_pixels else None
+        if rule is not None:
+            try:
+                blank(ds, rule.rectangles)
+            except Exception as exc:  # cannot decode these pixels: we cannot claim they are clean
+                reason = f"{reason}; pixel cleaning failed ({type(exc).__name__})"
+            else:
+                return [CLEAN_PIXEL_DATA]
+        policy = self.safeguards.burned_in
+        if policy == "reject":
+            raise Rejected(CANNOT_DEIDENTIFY, f"burned-in annotation suspected: {reason}"[:64])
+        if policy == "quarantine":
+            self._hold(source, calling_aet, "burned_in", reason, SUCCESS)
+        return []
+
+    def _hold(self, source: str | os.PathLike[str], calling_aet: str, kind: str, reason: str, status: int,
+              **detail: str) -> None:
+        """Quarantine the original (it stays inside the hospital) and stop this instance here."""
+        if self.quarantine is None:
+            raise Rejected(CANNOT_DEIDENTIFY, f"{kind}: {reason}"[:64])
+        qid = self.quarantine.put(source, {"kind": kind, "reason": reason, "calling_aet": calling_aet, **detail})
+        self.store.audit("quarantined", quarantine_id=qid, kind=kind, reason=reason, calling_aet=calling_aet, **detail)
+        raise Held(status, f"{kind}: {reason}"[:64], qid)
+
     def _spool(self, ds: FileDataset, record: DeidRecord) -> tuple[int, Path]:
+        assert self.spool is not None
         target = self.spool.path_for(record.pseudo_sop_instance_uid)
         return encode(lambda write: self.spool.write(target, write), ds), target
 
@@ -203,13 +285,3 @@ def encode(save: Callable[[Callable[[BinaryIO], None]], int], ds: FileDataset) -
         raise
     except Exception as exc:  # pydicom refused to encode a value: not understood, not forwarded
         raise Rejected(CANNOT_UNDERSTAND, f"cannot encode data set ({type(exc).__name__})") from None
-
-
-def anonymize_file(deidentifier: Deidentifier, store: Store, source: Path, target: Path) -> DeidRecord:
-    """De-identify one file offline into `target` and record its mappings; raise Rejected on refusal."""
-    ds = read(source)
-    record = deidentify(deidentifier, ds)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    encode(lambda write: atomic_write(target, write), ds)
-    store.record_mapping(record, source="anonymize")
-    return record

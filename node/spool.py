@@ -6,13 +6,20 @@ survives a crash or a power cut, and no reader ever sees half a file. Files
 fan out over 256 folders by pseudonymous SOP Instance UID so no folder grows
 huge. The spool holds only de-identified data; it is still private to the
 node's user (0700).
+
+The quarantine holds what the node would not forward: the *original*
+instance (it never leaves the hospital) with a JSON reason beside it that
+carries no PHI; files 0600 in a 0700 folder.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import secrets
+import shutil
+import time
 from pathlib import Path
 from typing import BinaryIO, Callable
 
@@ -77,3 +84,32 @@ class Spool:
             leftover.unlink(missing_ok=True)
             removed += 1
         return removed
+
+
+class Quarantine:
+    """Originals held back: `<id>.dcm` (the instance as received) and `<id>.json` (why, no PHI)."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(self.root, 0o700)
+
+    def put(self, source: str | os.PathLike[str], reason: dict) -> str:
+        """Durably keep a copy of `source` with its reason; returns the quarantine ID."""
+        qid = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + secrets.token_hex(4)
+
+        def copy(handle: BinaryIO) -> None:
+            with open(source, "rb") as original:
+                shutil.copyfileobj(original, handle, 1 << 20)
+
+        atomic_write(self.root / f"{qid}.dcm", copy)
+        record = {"id": qid, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **reason}
+        atomic_write(self.root / f"{qid}.json", lambda h: h.write(json.dumps(record, sort_keys=True).encode()))
+        return qid
+
+    def entries(self) -> list[dict]:
+        """Every quarantined instance's reason record, oldest first."""
+        return [json.loads(p.read_text()) for p in sorted(self.root.glob("*.json"))]
+
+    def count(self) -> int:
+        return sum(1 for _ in self.root.glob("*.json"))

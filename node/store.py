@@ -176,6 +176,7 @@ class Store:
             "source": source, "calling_aet": calling_aet, "patient_id": record.pseudo_patient_id,
             "study_instance_uid": record.pseudo_study_instance_uid,
             "sop_instance_uid": record.pseudo_sop_instance_uid, "method_codes": list(record.method_codes),
+            "overrides": list(record.overrides),
         })
 
     def lookup(self, pseudonym: str) -> dict[str, Any] | None:

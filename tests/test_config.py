@@ -69,6 +69,16 @@ def test_design_keys_load_and_relative_paths_resolve_against_config_folder(tmp_p
         (('allowed_calling_aets = ["CT01"]', 'allowed_calling_aets = "CT01"'), "node.allowed_calling_aets"),
         (('name = "telerad"\n', ""), "destinations[0].name"),
         (("port = 11113", "port = 11113\nretries = 3"), "destinations[0].retries"),
+        (('organization = "ORG"', 'organization = "ORG"\nburned_in = "ignore"'), "anonymization.burned_in"),
+        (('organization = "ORG"', 'organization = "ORG"\nleak_guard = "yes"'), "anonymization.leak_guard"),
+        (('organization = "ORG"', 'organization = "ORG"\noverrides = { NoSuchKeyword = "keep" }'),
+         "anonymization.overrides.NoSuchKeyword"),
+        (('organization = "ORG"', 'organization = "ORG"\noverrides = { InstitutionName = "blank" }'),
+         "anonymization.overrides.InstitutionName"),
+        (('organization = "ORG"', 'organization = "ORG"\npixel_rules = [{ modality = "US" }]'),
+         "anonymization.pixel_rules[0].rectangles"),
+        (('organization = "ORG"', 'organization = "ORG"\npixel_rules = [{ rectangles = [[0, 0, 0, 5]] }]'),
+         "anonymization.pixel_rules[0].rectangles"),
     ],
 )
 def test_mistakes_name_file_and_key(tmp_path, change, key):
@@ -79,6 +89,26 @@ def test_mistakes_name_file_and_key(tmp_path, change, key):
         config.load(path)
     assert str(path) in str(caught.value)
     assert key in str(caught.value)
+
+
+def test_anonymization_extensions_load(tmp_path):
+    """burned_in, leak_guard, overrides (keyword or tag) and pixel_rules are typed on load."""
+    text = VALID.replace('key_file = "keys/pseudonym.key"', """key_file = "keys/pseudonym.key"
+burned_in = "reject"
+leak_guard = false
+pixel_rules = [{ modality = "US", rows = 480, rectangles = [[0, 0, 640, 40]] }]
+[anonymization.overrides]
+InstitutionName = { set = "ORG" }
+"(0008,1030)" = "keep"
+PatientSex = "empty"
+""")
+    settings = config.load(write(tmp_path, text))
+    assert settings.burned_in == "reject" and settings.leak_guard is False
+    assert settings.overrides == ((0x00080080, "set", "ORG"), (0x00081030, "keep", None), (0x00100040, "empty", None))
+    rule = settings.pixel_rules[0]
+    assert rule.modality == "US" and rule.rows == 480 and rule.rectangles == ((0, 0, 640, 40),)
+    defaults = config.load(write(tmp_path, VALID))
+    assert defaults.burned_in == "quarantine" and defaults.leak_guard is True and defaults.overrides == ()
 
 
 def test_missing_destination_is_an_error(tmp_path):

@@ -1,0 +1,117 @@
+"""Pixels: which instances may carry burned-in text, and blanking configured rectangles.
+
+The profile's attribute rules cannot see text drawn into the image. An
+instance is *suspect* when it says so (BurnedInAnnotation = YES), or when it
+belongs to the kinds that usually carry burned-in text — secondary capture,
+ultrasound, screen saves and dose screens — unless it says it does not
+(BurnedInAnnotation = NO). The node's policy (`burned_in`) decides what
+happens to a suspect instance; with the Clean Pixel Data option (PS3.15
+E.3.1, code 113101) a matching `pixel_rules` entry blanks its rectangles
+first, and a cleaned instance is no longer suspect.
+
+Blanking decodes the pixel data (native, RLE, JPEG family and JPEG 2000
+through pydicom's decoders and the pylibjpeg plugins) and writes it back
+uncompressed in explicit VR little endian: lossless, whatever came in.
+Only instances that are cleaned are ever decoded.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from pydicom.dataset import FileDataset
+from pydicom.uid import ExplicitVRLittleEndian
+
+from node.config import PixelRule
+
+CLEAN_PIXEL_DATA = {"code": "113101", "meaning": "Clean Pixel Data Option"}
+
+#: Storage SOP classes whose images usually have text burned in.
+SUSPECT_SOP_CLASSES = frozenset({
+    "1.2.840.10008.5.1.4.1.1.7",      # Secondary Capture Image
+    "1.2.840.10008.5.1.4.1.1.7.1",    # Multi-frame Single Bit SC
+    "1.2.840.10008.5.1.4.1.1.7.2",    # Multi-frame Grayscale Byte SC
+    "1.2.840.10008.5.1.4.1.1.7.3",    # Multi-frame Grayscale Word SC
+    "1.2.840.10008.5.1.4.1.1.7.4",    # Multi-frame True Color SC
+    "1.2.840.10008.5.1.4.1.1.6.1",    # Ultrasound Image
+    "1.2.840.10008.5.1.4.1.1.6.2",    # Enhanced US Volume
+    "1.2.840.10008.5.1.4.1.1.3.1",    # Ultrasound Multi-frame Image
+    "1.2.840.10008.5.1.4.1.1.6",      # Ultrasound Image (retired)
+    "1.2.840.10008.5.1.4.1.1.3",      # Ultrasound Multi-frame Image (retired)
+})
+SUSPECT_MODALITIES = frozenset({"US", "SC", "OT", "XC", "DOC"})
+SUSPECT_IMAGE_TYPES = ("SCREEN SAVE", "DOSE", "SCREENSHOT")
+
+
+def burned_in_reason(ds: FileDataset) -> str | None:
+    """Why this (original) instance may carry burned-in text, or None. Never quotes a value."""
+    if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
+        return None
+    flag = str(ds.get("BurnedInAnnotation", "") or "").strip().upper()
+    if flag == "YES":
+        return "BurnedInAnnotation is YES"
+    if flag == "NO":
+        return None
+    if str(ds.get("SOPClassUID", "")) in SUSPECT_SOP_CLASSES:
+        return "SOP class usually carries burned-in text (secondary capture or ultrasound)"
+    if str(ds.get("Modality", "") or "").strip().upper() in SUSPECT_MODALITIES:
+        return "modality usually carries burned-in text"
+    image_type = " ".join(str(v) for v in (ds.get("ImageType") or [])).upper()
+    series = str(ds.get("SeriesDescription", "") or "").upper()
+    if any(word in image_type for word in SUSPECT_IMAGE_TYPES) or "DOSE" in series:
+        return "screen save or dose screen"
+    return None
+
+
+def matching_rule(ds: FileDataset, rules: Sequence[PixelRule]) -> PixelRule | None:
+    """The first pixel rule whose every given criterion matches the original instance."""
+    for rule in rules:
+        if _matches(ds, rule):
+            return rule
+    return None
+
+
+def _matches(ds: FileDataset, rule: PixelRule) -> bool:
+    def text(keyword: str) -> str:
+        return str(ds.get(keyword, "") or "").strip().upper()
+
+    return (
+        (not rule.modality or text("Modality") == rule.modality.upper())
+        and (not rule.manufacturer or rule.manufacturer.upper() in text("Manufacturer"))
+        and (not rule.model or rule.model.upper() in text("ManufacturerModelName"))
+        and (not rule.sop_class_uid or text("SOPClassUID") == rule.sop_class_uid.upper())
+        and (not rule.rows or int(ds.get("Rows", 0) or 0) == rule.rows)
+        and (not rule.columns or int(ds.get("Columns", 0) or 0) == rule.columns)
+    )
+
+
+def blank(ds: FileDataset, rectangles: Sequence[tuple[int, int, int, int]]) -> None:
+    """Blank (x, y, width, height) rectangles in every frame; write native explicit VR little endian.
+
+    Raises if the pixel data cannot be decoded: the caller then cannot claim clean pixels.
+    """
+    if ds.file_meta.TransferSyntaxUID.is_compressed:
+        ds.decompress()  # native, photometric interpretation updated (e.g. YBR → RGB)
+    pixels: Any = ds.pixel_array.copy()
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    fill = _background(ds)
+    view = pixels if frames > 1 else pixels[None, ...]
+    for x, y, width, height in rectangles:
+        if samples > 1:
+            view[:, y:y + height, x:x + width, :] = fill
+        else:
+            view[:, y:y + height, x:x + width] = fill
+    if samples > 1:
+        ds.PlanarConfiguration = 0  # pixel_array is colour-by-pixel
+    ds.PixelData = pixels.tobytes()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.BurnedInAnnotation = "NO"
+
+
+def _background(ds: FileDataset) -> int:
+    """Black: 0, except MONOCHROME1 where black is the largest stored value."""
+    if str(ds.get("PhotometricInterpretation", "")).strip() == "MONOCHROME1":
+        bits = int(ds.get("BitsStored", 8) or 8)
+        return (1 << bits) - 1 if int(ds.get("PixelRepresentation", 0) or 0) == 0 else (1 << (bits - 1)) - 1
+    return 0
