@@ -2,8 +2,11 @@
 
 Each worker takes a batch of due queue rows (highest priority first), opens
 one association proposing only the (SOP class, transfer syntax) pairs the
-batch needs (at most 128 presentation contexts, the protocol's limit), sends
-each spooled file streamed from disk, and releases. A spool file is deleted
+batch needs (at most 128 presentation contexts, the protocol's limit), and
+sends each spooled file streamed from disk. The association stays open while
+work keeps coming (instances trickling in as a modality sends them reuse it;
+a batch needing other contexts opens a new one) and is released after LINGER
+seconds idle. A spool file is deleted
 only after every destination has it. The remote being down, refusing the
 association or aborting is transient: the batch waits with exponential
 backoff and jitter and is retried, forever. A failure status for one
@@ -31,6 +34,10 @@ from node.store import Store
 # Send from the spooled file in PDU-sized chunks instead of decoding it into memory.
 _config.STORE_SEND_CHUNKED_DATASET = True
 
+#: Seconds an idle association stays open: instances that trickle in as a modality sends
+#: them share one association instead of paying for an association each.
+LINGER = 2.0
+
 NO_CONTEXT = "no accepted presentation context for this SOP class and transfer syntax"
 MAX_CONTEXTS = 128  # PS3.8: presentation context IDs are odd numbers 1..255
 
@@ -57,6 +64,8 @@ class Forwarder:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"forward-{destination.name}", daemon=True)
         self._backoff = 0  # consecutive transient failures
+        self._assoc: Any = None  # kept open while instances keep coming (see LINGER)
+        self._proposed: set[tuple[str, str]] = set()
 
     def start(self) -> None:
         self._thread.start()
@@ -79,7 +88,15 @@ class Forwarder:
                 self._step()
             except Exception as exc:  # never let the worker die: the queue would stall silently
                 self.log.error("forwarder_error", error=type(exc).__name__)
+                self._close_quietly()
                 self._stop.wait(self._delay())
+        self._close_quietly()
+
+    def _close_quietly(self) -> None:
+        try:
+            self._close()
+        except Exception:  # already aborted or the socket is gone: nothing left to release
+            self._assoc, self._proposed = None, set()
 
     def _step(self) -> None:
         batch = self.store.claim_batch(self.destination.name, self.destination.batch_size)
@@ -88,13 +105,19 @@ class Forwarder:
         elif self._send(batch):
             self._backoff = 0
         else:
+            self._close()
             self._stop.wait(self._delay())
 
     def _idle(self) -> None:
+        """Wait for work; an association left open is released after LINGER seconds without any."""
         next_due = self.store.next_due(self.destination.name)
         wait = 5.0 if next_due is None else min(5.0, max(0.05, next_due - time.time()))
-        self._wake.wait(wait)
+        if self._assoc is not None:
+            wait = min(wait, LINGER)
+        woken = self._wake.wait(wait)
         self._wake.clear()
+        if not woken and self._assoc is not None:
+            self._close()
 
     def _delay(self) -> float:
         """Exponential backoff with ±20% jitter, capped at max_retry_delay."""
@@ -103,7 +126,7 @@ class Forwarder:
         delay = min(d.retry_delay * d.retry_multiplier ** (self._backoff - 1), d.max_retry_delay)
         return delay * random.uniform(0.8, 1.2)
 
-    # -- one association ------------------------------------------------------------------------
+    # -- the association ------------------------------------------------------------------------
 
     def _contexts(self, batch: list[dict[str, Any]]) -> tuple[list[tuple[str, str]], list[dict[str, Any]]]:
         """The distinct contexts of the batch (≤ 128) and the rows they cover."""
@@ -118,10 +141,12 @@ class Forwarder:
             rows.append(row)
         return contexts, rows
 
-    def _send(self, batch: list[dict[str, Any]]) -> bool:
-        """Send one batch over one association; False if the remote could not be reached."""
+    def _open(self, contexts: list[tuple[str, str]]) -> Any:
+        """An association proposing exactly `contexts`; the open one is reused if it proposed them all."""
+        if self._assoc is not None and self._assoc.is_established and set(contexts) <= self._proposed:
+            return self._assoc
+        self._close()
         d = self.destination
-        contexts, rows = self._contexts(batch)
         ae = AE(ae_title=self.ae_title)
         ae.connection_timeout = d.connect_timeout
         ae.acse_timeout = d.acse_timeout
@@ -131,6 +156,21 @@ class Forwarder:
         for sop_class, syntax in contexts:
             ae.add_requested_context(sop_class, syntax)
         assoc = ae.associate(d.host, d.port, ae_title=d.ae_title, evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay)])
+        if assoc.is_established:
+            self._assoc, self._proposed = assoc, set(contexts)
+        return assoc
+
+    def _close(self) -> None:
+        if self._assoc is not None:
+            if self._assoc.is_established:
+                self._assoc.release()
+            self._assoc, self._proposed = None, set()
+
+    def _send(self, batch: list[dict[str, Any]]) -> bool:
+        """Send one batch over one (possibly reused) association; False if the remote could not be reached."""
+        contexts, rows = self._contexts(batch)
+        reused = self._assoc is not None and self._assoc.is_established and set(contexts) <= self._proposed
+        assoc = self._open(contexts)
         if not assoc.is_established and assoc.rejected_contexts and not assoc.accepted_contexts:
             # The remote is up but accepts none of these SOP class / transfer syntax pairs:
             # a refusal of these instances, counted against each, not an outage.
@@ -140,7 +180,7 @@ class Forwarder:
         if not assoc.is_established:
             reason = "association rejected" if assoc.is_rejected else "remote unreachable or aborted"
             self.log.warning("destination_unavailable", reason=reason, pending=len(batch))
-            self.store.note_error(d.name, reason)
+            self.store.note_error(self.destination.name, reason)
             return False
         sent: list[int] = []
         reachable = True
@@ -157,10 +197,12 @@ class Forwarder:
         finally:
             for path in self.store.mark_sent(sent):
                 self.spool.remove(path)
-            if assoc.is_established:
-                assoc.release()
         if sent:
-            self.log.info("batch_sent", instances=len(sent), contexts=len(contexts))
+            self.log.info("batch_sent", instances=len(sent), contexts=len(contexts), reused=reused)
+        if not reachable and reused and not sent:
+            # The remote dropped an association we kept open (idle timeout): reconnect now, no backoff.
+            self._close()
+            return True
         return reachable
 
     def _store_one(self, assoc: Any, row: dict[str, Any]) -> str:
