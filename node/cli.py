@@ -113,6 +113,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # (a load balancer's health check) would otherwise hold the stop until its ACSE timeout.
     while any(a.is_established for a in server.ae.active_associations) and time.monotonic() < deadline:
         time.sleep(0.1)
+    for assoc in server.ae.active_associations:  # idle connections, or past the deadline: don't hold the exit
+        assoc.abort()
     for forwarder in forwarders:
         forwarder.stop()
     store.audit("node_stopped")
