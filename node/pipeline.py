@@ -245,16 +245,16 @@ class Pipeline:
     def _pixels(self, ds: FileDataset, source: str | os.PathLike[str], calling_aet: str) -> list[dict[str, str]]:
         """Burned-in text: blank it with a matching pixel rule, or apply the policy. Returns extra method codes."""
         reason = burned_in_reason(ds)
-        if reason is None:
-            return []
         rule = matching_rule(ds, self.safeguards.pixel_rules) if self.safeguards.clean_pixels else None
         if rule is not None:
             try:
                 blank(ds, rule.rectangles)
             except Exception as exc:  # cannot decode these pixels: we cannot claim they are clean
-                reason = f"{reason}; pixel cleaning failed ({type(exc).__name__})"
+                reason = f"pixel cleaning failed ({type(exc).__name__})"
             else:
                 return [CLEAN_PIXEL_DATA]
+        if reason is None:
+            return []
         policy = self.safeguards.burned_in
         if policy == "reject":
             raise Rejected(CANNOT_DEIDENTIFY, f"burned-in annotation suspected: {reason}"[:64])

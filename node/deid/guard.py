@@ -25,8 +25,10 @@ no false alarm):
 * never: times, numbers, binary values, values with fewer than two letters
   unless they hold 6 or more digits that are not all the same (so not "-0400",
   "0000000", series numbers or counts), and any text or date that the
-  output keeps on purpose as the whole value of some element (an option
-  retained it there). Person names and UIDs are never excused.
+  engine kept on purpose in some element (an option's or the table's K, or a
+  keep/set override): that value is then expected in the output. Person
+  names and UIDs are never excused; a value copied into an attribute the
+  table does not list is not "kept on purpose".
 
 A needle matches only between characters that are not letters, digits or
 "_" ("ANN" does not match inside "ANNOTATION", "TOSHIBA" not inside
@@ -123,6 +125,11 @@ def _weak(text: str) -> bool:
     return not (len(digits) >= 6 and len(set(digits)) > 1)
 
 
+def needle_strings(value: Any) -> list[str]:
+    """The text of a value as the guard compares it (stripped, one string per value)."""
+    return [t.strip().strip("\x00").strip() for t in _strings(value)]
+
+
 def _strings(value: Any) -> list[str]:
     if value is None:
         return []
@@ -141,10 +148,8 @@ class Guard:
         found = needles(record.removed_values)
         if not found:
             return None
-        kept = {text.upper() for _, _, text in _texts(ds) if len(text) <= 64}
+        kept = {v.upper() for v in record.retained_values}
         meta = getattr(ds, "file_meta", None)
-        if meta is not None:
-            kept |= {text.upper() for _, _, text in _texts(meta) if len(text) <= 64}
         live = {n: k for n, k in found.items() if n not in kept or k not in RETAINABLE}
         if not live:
             return None

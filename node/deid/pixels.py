@@ -11,12 +11,15 @@ first, and a cleaned instance is no longer suspect.
 
 Blanking decodes the pixel data (native, RLE, JPEG family and JPEG 2000
 through pydicom's decoders and the pylibjpeg plugins) and writes it back
-uncompressed in explicit VR little endian: lossless, whatever came in.
-Only instances that are cleaned are ever decoded.
+uncompressed (explicit VR little endian; a big endian file stays big
+endian; YBR becomes RGB): lossless, whatever came in. Only instances that
+are cleaned are ever decoded. Pixel rules apply to every image they match,
+suspect or not (a CT scout with the name burned in is not "suspect").
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any, Sequence
 
 from pydicom.dataset import FileDataset
@@ -41,6 +44,8 @@ SUSPECT_SOP_CLASSES = frozenset({
 })
 SUSPECT_MODALITIES = frozenset({"US", "SC", "OT", "XC", "DOC"})
 SUSPECT_IMAGE_TYPES = ("SCREEN SAVE", "DOSE", "SCREENSHOT")
+#: A dose screen's series description ("Dose Report", "Dose Info"), not a "Low Dose Chest" CT.
+DOSE_SCREEN = re.compile(r"\bDOSE[ _-]*(REPORT|INFO|SUMMARY|SCREEN|RECORD|SR)\b|\bPATIENT PROTOCOL\b")
 
 
 def burned_in_reason(ds: FileDataset) -> str | None:
@@ -58,7 +63,7 @@ def burned_in_reason(ds: FileDataset) -> str | None:
         return "modality usually carries burned-in text"
     image_type = " ".join(str(v) for v in (ds.get("ImageType") or [])).upper()
     series = str(ds.get("SeriesDescription", "") or "").upper()
-    if any(word in image_type for word in SUSPECT_IMAGE_TYPES) or "DOSE" in series:
+    if any(word in image_type for word in SUSPECT_IMAGE_TYPES) or DOSE_SCREEN.search(series):
         return "screen save or dose screen"
     return None
 
@@ -90,9 +95,11 @@ def blank(ds: FileDataset, rectangles: Sequence[tuple[int, int, int, int]]) -> N
 
     Raises if the pixel data cannot be decoded: the caller then cannot claim clean pixels.
     """
-    if ds.file_meta.TransferSyntaxUID.is_compressed:
+    syntax = ds.file_meta.TransferSyntaxUID
+    if syntax.is_compressed:
         ds.decompress()  # native, photometric interpretation updated (e.g. YBR → RGB)
-    pixels: Any = ds.pixel_array.copy()
+        syntax = ds.file_meta.TransferSyntaxUID
+    pixels: Any = ds.pixel_array.copy()  # YBR comes back as RGB
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     samples = int(ds.get("SamplesPerPixel", 1) or 1)
     fill = _background(ds)
@@ -103,9 +110,14 @@ def blank(ds: FileDataset, rectangles: Sequence[tuple[int, int, int, int]]) -> N
         else:
             view[:, y:y + height, x:x + width] = fill
     if samples > 1:
-        ds.PlanarConfiguration = 0  # pixel_array is colour-by-pixel
-    ds.PixelData = pixels.tobytes()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.PlanarConfiguration = 0  # pixel_array is colour-by-pixel …
+        if str(ds.get("PhotometricInterpretation", "")).startswith("YBR"):
+            ds.PhotometricInterpretation = "RGB"  # … and already converted from YBR
+    if syntax.is_little_endian:
+        ds.PixelData = pixels.tobytes()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    else:  # pydicom will not re-encode a big endian data set as little endian: stay big endian
+        ds.PixelData = pixels.astype(pixels.dtype.newbyteorder(">")).tobytes()
     ds.BurnedInAnnotation = "NO"
 
 

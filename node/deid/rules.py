@@ -39,7 +39,7 @@ from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID_dictionary
 
 from node import __version__
-from node.deid.guard import needles
+from node.deid.guard import needle_strings, needles
 from node.deid.pseudonyms import Pseudonymizer, patient_key
 from node.deid.record import DeidRecord
 
@@ -72,6 +72,8 @@ TEXT_VRS = frozenset({"AE", "CS", "LO", "LT", "SH", "ST", "UC", "UT", "UR"})
 #: Free text inside D / C sequences (SR TextValue, comments): replaced or cleaned with the sequence.
 #: LO and SH stay: inside content items they are codes and labels, not prose.
 FREE_TEXT_VRS = frozenset({"LT", "ST", "UT", "UC", "PN"})
+#: VRs of values kept on purpose that the leak guard then excuses elsewhere.
+RETAINED_VRS = frozenset({"DA", "DT"}) | TEXT_VRS
 #: VRs whose removed originals the leak guard searches for (see guard.py).
 NEEDLE_VRS = frozenset({"PN", "DA", "DT", "UI"}) | TEXT_VRS
 
@@ -188,7 +190,7 @@ class Deidentifier:
         record.pseudo_study_instance_uid = self._uid(record.study_instance_uid, ctx)
         record.pseudo_series_instance_uid = self._uid(record.series_instance_uid, ctx)
         record.pseudo_sop_instance_uid = self._uid(record.sop_instance_uid, ctx)
-        record.overrides = self._override(ds, kept_by_override)
+        record.overrides = self._override(ds, kept_by_override, record)
         applied = self.applied + list(extra_codes)
         self._mark(ds, applied)
         self._file_meta(ds)
@@ -271,6 +273,8 @@ class Deidentifier:
             if vr == "SQ":
                 for item in ds[tag].value:
                     self._walk(item, ctx, mode)
+            elif vr in RETAINED_VRS:
+                ctx.record.retained_values.update(needle_strings(ds[tag].value))
         elif tag in (PATIENT_ID, PATIENT_NAME, ACCESSION_NUMBER):
             self._identity(ds[tag], ctx)
         elif action == "Z":
@@ -375,19 +379,26 @@ class Deidentifier:
 
     # -- attributes the profile adds --------------------------------------------------------------
 
-    def _override(self, ds: Dataset, kept: dict[int, DataElement]) -> tuple[str, ...]:
+    @staticmethod
+    def _retain(elem: DataElement, record: DeidRecord) -> None:
+        if elem.VR in RETAINED_VRS:
+            record.retained_values.update(needle_strings(elem.value))
+
+    def _override(self, ds: Dataset, kept: dict[int, DataElement], ctx_record: DeidRecord) -> tuple[str, ...]:
         """[anonymization.overrides], top level, after the profile: keep, remove, empty or set."""
         applied = []
         for tag, action, value in self.overrides:
             name = keyword_for_tag(tag) or f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
             if action == "keep" and tag in kept:
                 ds[tag] = kept[tag]
+                self._retain(ds[tag], ctx_record)
             elif action == "remove" and tag in ds:
                 del ds[tag]
             elif action == "empty":
                 ds[tag] = DataElement(tag, _vr(ds, tag) if tag in ds else _dictionary_vr(tag), None)
             elif action == "set":
                 ds[tag] = DataElement(tag, _vr(ds, tag) if tag in ds else _dictionary_vr(tag), value)
+                self._retain(ds[tag], ctx_record)
             else:
                 continue
             applied.append(f"{name}={action}")
