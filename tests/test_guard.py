@@ -273,33 +273,26 @@ def test_leak_carries_no_value():
 
 # -- documented exclusions ------------------------------------------------------------------------
 
+def planted(text: str, **attributes: str):
+    """The guard's verdict on a patient with `attributes` and `text` in an untabled LO."""
+    ds = patient()
+    for keyword, value in attributes.items():
+        setattr(ds, keyword, value)
+    ds[UNTABLED_LO] = pydicom.DataElement(UNTABLED_LO, "LO", text)
+    return guard(ds)[0]
+
+
 def test_word_boundary_ann_not_in_annotation():
     """A given name "ANN" does not match inside "ANNOTATION" (word boundary), but does as a word."""
-    ds = patient()
-    ds.PatientName = "SMITHERSON^ANN"
-    ds[UNTABLED_LO] = pydicom.DataElement(UNTABLED_LO, "LO", "ANNOTATION LAYER")
-    leak, _ = guard(ds)
-    assert leak is None
-
-    ds = patient()
-    ds.PatientName = "SMITHERSON^ANN"
-    ds[UNTABLED_LO] = pydicom.DataElement(UNTABLED_LO, "LO", "LAYER ANN")
-    leak, _ = guard(ds)
+    assert planted("ANNOTATION LAYER", PatientName="SMITHERSON^ANN") is None
+    leak = planted("LAYER ANN", PatientName="SMITHERSON^ANN")
     assert_leak(leak, "LUTExplanation", "person name component", secrets=("ANN",))
 
 
 def test_word_boundary_underscore():
     """A removed Station Name "TOSHIBA" does not match inside "TOSHIBA_MEC" ("_" is a word character)."""
-    ds = patient()
-    ds.StationName = "TOSHIBA"
-    ds[UNTABLED_LO] = pydicom.DataElement(UNTABLED_LO, "LO", "TOSHIBA_MEC WINDOW")
-    leak, _ = guard(ds)
-    assert leak is None
-
-    ds = patient()
-    ds.StationName = "TOSHIBA"
-    ds[UNTABLED_LO] = pydicom.DataElement(UNTABLED_LO, "LO", "TOSHIBA MEC WINDOW")
-    leak, _ = guard(ds)
+    assert planted("TOSHIBA_MEC WINDOW", StationName="TOSHIBA") is None
+    leak = planted("TOSHIBA MEC WINDOW", StationName="TOSHIBA")
     assert_leak(leak, "LUTExplanation", "text", secrets=("TOSHIBA",))
 
 
@@ -307,37 +300,16 @@ def test_short_and_digit_only_values_are_not_needles():
     """"-0400", a 4-digit ID and a repeated-digit ID are not needles; an 8-digit ID is."""
     assert needles([("SH", "-0400"), ("LO", "4417"), ("LO", "0000000"), ("LO", "AB")]) == {}
     assert needles([("LO", "44172291")]) == {"44172291": "text"}
-
-    ds = patient()
-    ds.TimezoneOffsetFromUTC = "-0400"
-    ds.PatientID = "4417"
-    ds[UNTABLED_LO] = pydicom.DataElement(UNTABLED_LO, "LO", "UTC-0400 W 4417")
-    leak, _ = guard(ds)
-    assert "TimezoneOffsetFromUTC" not in ds
-    assert leak is None
-
-    ds = patient()
-    ds.PatientID = "44172291"
-    ds[UNTABLED_LO] = pydicom.DataElement(UNTABLED_LO, "LO", "W 44172291")
-    leak, _ = guard(ds)
+    assert planted("UTC-0400 W 4417", TimezoneOffsetFromUTC="-0400", PatientID="4417") is None
+    leak = planted("W 44172291", PatientID="44172291")
     assert_leak(leak, "LUTExplanation", "text", secrets=("44172291",))
 
 
 def test_dictionary_word_components_are_not_needles_but_the_full_name_is():
     """"Last^First": the components are DICOM dictionary words (no needles), the whole name is one."""
-    found = needles([("PN", "Last^First")])
-    assert found == {"LAST^FIRST": "person name"}
-
-    ds = patient()
-    ds.PatientName = "Last^First"
-    ds[UNTABLED_LO] = pydicom.DataElement(UNTABLED_LO, "LO", "First pass, last window")
-    leak, _ = guard(ds)
-    assert leak is None
-
-    ds = patient()
-    ds.PatientName = "Last^First"
-    ds[UNTABLED_LO] = pydicom.DataElement(UNTABLED_LO, "LO", "for Last^First")
-    leak, _ = guard(ds)
+    assert needles([("PN", "Last^First")]) == {"LAST^FIRST": "person name"}
+    assert planted("First pass, last window", PatientName="Last^First") is None
+    leak = planted("for Last^First", PatientName="Last^First")
     assert_leak(leak, "LUTExplanation", "person name", secrets=("LAST^FIRST",))
 
 
