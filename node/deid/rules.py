@@ -27,6 +27,7 @@ from __future__ import annotations
 import datetime
 import json
 import re
+from functools import lru_cache
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, Iterable, Sequence
@@ -123,11 +124,11 @@ class _Context:
         removed anywhere in the dataset (observer names, organizations, IDs), keep the rest."""
         if not self.to_clean:
             return
-        words = {w.upper() for w in self.identifiers if len(w) >= 2} | set(needles(self.record.removed_values))
+        found = needles(self.record.removed_values)
+        words = {w.upper() for w in self.identifiers if len(w) >= 2} | {n for n, k in found.items() if k != "UID"}
         if not words:
             return
-        pattern = re.compile("|".join(rf"(?<![0-9A-Za-z]){re.escape(w)}(?![0-9A-Za-z])"
-                                      for w in sorted(words, key=len, reverse=True)), re.IGNORECASE)
+        pattern = _words_pattern(frozenset(words))
         for elem in self.to_clean:
             if isinstance(elem.value, (MultiValue, list)):
                 elem.value = [pattern.sub("", str(v)).strip() for v in elem.value]
@@ -467,6 +468,13 @@ def _vr(ds: Dataset, tag: int) -> str:
         return str(dictionary_VR(tag)).split(" or ")[0]
     except KeyError:
         return str(vr or "UN")
+
+
+@lru_cache(maxsize=256)
+def _words_pattern(words: frozenset[str]) -> re.Pattern[str]:
+    """Any of `words` as a whole word; cached, since a study's instances share their identifiers."""
+    alternatives = "|".join(re.escape(w) for w in sorted(words, key=len, reverse=True))
+    return re.compile(rf"(?<![0-9A-Za-z])(?:{alternatives})(?![0-9A-Za-z])", re.IGNORECASE)
 
 
 def _dictionary_vr(tag: int) -> str:
