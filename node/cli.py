@@ -193,19 +193,25 @@ def cmd_status(args: argparse.Namespace) -> int:
         queues = store.status()
     finally:
         store.close()
-    quarantined = Quarantine(settings.quarantine_dir).count() if settings.quarantine_dir.exists() else 0
+    held = Quarantine(settings.quarantine_dir).entries() if settings.quarantine_dir.exists() else []
+    quarantined = len(held)
+    by_kind: dict[str, int] = {}
+    for entry in held:
+        by_kind[entry.get("kind", "other")] = by_kind.get(entry.get("kind", "other"), 0) + 1
     for destination in settings.destinations:
         queues.setdefault(destination.name, {"pending": 0, "sent": 0, "failed": 0,
                                              "oldest_pending_age_s": None, "last_error": None})
     if args.json:
-        print(json.dumps({"destinations": queues, "quarantine": quarantined}, indent=2, sort_keys=True))
+        print(json.dumps({"destinations": queues, "quarantine": quarantined, "quarantine_by_kind": by_kind},
+                         indent=2, sort_keys=True))
         return 0
     print(f"{'destination':<20} {'pending':>8} {'sent':>8} {'failed':>8} {'oldest':>9}  last error")
     for name, row in sorted(queues.items()):
         age = row.get("oldest_pending_age_s")
         print(f"{name:<20} {row['pending']:>8} {row['sent']:>8} {row['failed']:>8} "
               f"{'-' if age is None else f'{age:.0f}s':>9}  {row.get('last_error') or ''}")
-    print(f"quarantine: {quarantined} instance(s) in {settings.quarantine_dir}")
+    kinds = ", ".join(f"{kind} {count}" for kind, count in sorted(by_kind.items()))
+    print(f"quarantine: {quarantined} instance(s) in {settings.quarantine_dir}" + (f" ({kinds})" if kinds else ""))
     return 0
 
 

@@ -81,6 +81,8 @@ def test_ultrasound_is_quarantined_by_default_and_never_forwarded(tmp_path, make
     assert stat.S_IMODE(os.stat(held.parent).st_mode) == 0o700
     status = json.loads(node.cli("status", "--json", check=True).stdout)
     assert status["quarantine"] == 1 and status["destinations"]["remote0"]["sent"] == 1
+    assert status["quarantine_by_kind"] == {"burned_in": 1}
+    assert "burned_in 1" in node.cli("status", check=True).stdout
     assert node.stop() == 0
 
 
