@@ -13,7 +13,6 @@ Everything is real: pydicom's test files, the real engine, real files, a real SQ
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import stat
