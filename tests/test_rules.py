@@ -34,7 +34,9 @@ from node.deid.pseudonyms import patient_key
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "ps3.15"
 PS315 = json.loads((REPO / "node" / "deid" / "ps315.json").read_text())
-SAFE_PRIVATE_SOURCE = json.loads((SHARED / "safe_private_attributes.json").read_text())
+#: The standard's data files sit beside the checkout in development, not necessarily in CI:
+#: the tests that compare against them directly skip without them (ps315.json is committed).
+needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/ps3.15 (the standard's tables) not beside the checkout")
 
 KEY = b"k" * 32
 ORG = "ORG"
@@ -324,6 +326,7 @@ def expected_outcome(action: str, vr: str) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
+@needs_shared
 def test_ps315_json_is_generated_from_table_e1_1():
     """ps315.json equals what scripts/gen_ps315.py builds from Table E.1-1 and E.3.10-1 today."""
     spec = importlib.util.spec_from_file_location("gen_ps315", REPO / "scripts" / "gen_ps315.py")
@@ -332,6 +335,7 @@ def test_ps315_json_is_generated_from_table_e1_1():
     assert gen.build(SHARED) == PS315
 
 
+@needs_shared
 def test_every_table_e1_1_row_has_its_basic_action():
     """Every plain-tag row of Table E.1-1 (2026d) is in ps315.json with the same Basic action code."""
     rows = json.loads((SHARED / "confidentiality_profile_attributes.json").read_text())
@@ -503,9 +507,11 @@ SAFE_IN_CT_SMALL = {("GEMS_ACQU_01", 0x0019, 0x23), ("GEMS_ACQU_01", 0x0019, 0x2
 
 
 def safe_source() -> set[tuple[str, int, int]]:
-    """Table E.3.10-1 as (creator, group, element low byte), read from the standard's data file."""
-    return {(r["private_creator"].strip(), int(r["tag"][1:5], 16), int(r["tag"][8:10], 16))
-            for r in SAFE_PRIVATE_SOURCE["rows"]}
+    """Table E.3.10-1 as (creator, group, element low byte): from the standard's data file when present."""
+    if SHARED.is_dir():
+        rows = json.loads((SHARED / "safe_private_attributes.json").read_text())["rows"]
+        return {(r["private_creator"].strip(), int(r["tag"][1:5], 16), int(r["tag"][8:10], 16)) for r in rows}
+    return {(creator, int(group, 16), int(low, 16)) for creator, group, low in PS315["safe_private"]}
 
 
 def test_retain_safe_private_C_keeps_exactly_table_e3_10_1_elements():
