@@ -1,0 +1,109 @@
+"""Transfer syntaxes and SOP classes pass through end to end: pixels byte for byte, private classes too.
+
+A pynetdicom SCU sends to telenode (storescu would need a context per class);
+a pynetdicom Storage SCP with the unrestricted storage service receives.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, generate_uid
+from pynetdicom import AE, _config, evt
+
+from conftest import free_port, wait_for
+
+#: (pydicom test file, transfer syntax it is in)
+FILES = [
+    ("CT_small.dcm", "1.2.840.10008.1.2.1"),
+    ("MR_small_implicit.dcm", "1.2.840.10008.1.2"),
+    ("ExplVR_BigEnd.dcm", "1.2.840.10008.1.2.2"),
+    ("image_dfl.dcm", "1.2.840.10008.1.2.1.99"),
+    ("SC_jpeg_no_color_transform.dcm", "1.2.840.10008.1.2.4.50"),
+    ("JPEG-lossy.dcm", "1.2.840.10008.1.2.4.51"),
+    ("SC_rgb_jpeg_gdcm.dcm", "1.2.840.10008.1.2.4.70"),
+    ("MR_small_jpeg_ls_lossless.dcm", "1.2.840.10008.1.2.4.80"),
+    ("GDCMJ2K_TextGBR.dcm", "1.2.840.10008.1.2.4.90"),
+    ("693_J2KI.dcm", "1.2.840.10008.1.2.4.91"),
+    ("MR_small_RLE.dcm", "1.2.840.10008.1.2.5"),
+]
+PRIVATE_SOP_CLASS = "1.2.840.113619.4.2.99"  # a vendor's private storage class, unknown to pynetdicom
+
+
+class Receiver:
+    """Unrestricted pynetdicom Storage SCP keeping (SOP class, transfer syntax, pixel bytes) per instance."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.received: dict[str, tuple[str, str, bytes]] = {}
+        self.lock = threading.Lock()
+
+    def _on_store(self, event) -> int:
+        ds = event.dataset
+        with self.lock:
+            self.received[str(ds.SOPInstanceUID)] = (
+                str(event.context.abstract_syntax), str(event.context.transfer_syntax), ds.PixelData)
+        return 0x0000
+
+    def start(self) -> "Receiver":
+        ae = AE(ae_title="TELERAD")
+        self.server = ae.start_server(("127.0.0.1", self.port), block=False,
+                                      evt_handlers=[(evt.EVT_C_STORE, self._on_store)])
+        return self
+
+
+@pytest.fixture
+def unrestricted():
+    previous = _config.UNRESTRICTED_STORAGE_SERVICE
+    _config.UNRESTRICTED_STORAGE_SERVICE = True
+    yield
+    _config.UNRESTRICTED_STORAGE_SERVICE = previous
+
+
+def prepared(name: str, folder, sop_class: str | None = None):
+    ds = pydicom.dcmread(get_testdata_file(name))
+    ds = copy.deepcopy(ds)
+    ds.BurnedInAnnotation = "NO"  # secondary captures say so, or the burned-in policy holds them
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    if sop_class:
+        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = sop_class
+        ds.PixelData = bytes(reversed(ds.PixelData))  # told apart from the standard-class copy by its pixels
+    path = folder / f"{name}.{ds.SOPInstanceUID}.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return path, ds
+
+
+def send(port: int, datasets: list) -> list[int]:
+    ae = AE(ae_title="MODALITY")
+    for ds in datasets:
+        ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", port, ae_title="TELENODE")
+    assert assoc.is_established
+    statuses = [int(assoc.send_c_store(ds).Status) for ds in datasets]
+    assoc.release()
+    return statuses
+
+
+def test_every_transfer_syntax_and_a_private_class_pass_through(tmp_path, make_node, unrestricted):
+    """Each syntax arrives in the same syntax (deflate as explicit VR LE), pixel data byte-identical; a private class too."""
+    receiver = Receiver().start()
+    node = make_node([("TELERAD", receiver.port)]).start()
+    items = [prepared(name, tmp_path) for name, _ in FILES]
+    items.append(prepared("CT_small.dcm", tmp_path, sop_class=PRIVATE_SOP_CLASS))
+    datasets = [pydicom.dcmread(path) for path, _ in items]
+    assert send(node.port, datasets) == [0] * len(datasets)
+    assert wait_for(lambda: len(receiver.received) == len(datasets), 30), f"{len(receiver.received)} arrived"
+
+    arrived = {pixels: (sop_class, syntax) for sop_class, syntax, pixels in receiver.received.values()}
+    for (name, syntax), original in zip(FILES + [("private", "1.2.840.10008.1.2.1")], datasets):
+        assert original.PixelData in arrived, f"{name}: pixel data changed or missing"
+        sop_class, arrived_syntax = arrived[original.PixelData]
+        expected = ExplicitVRLittleEndian if syntax == DeflatedExplicitVRLittleEndian else syntax
+        assert arrived_syntax == expected, name
+        assert sop_class == str(original.SOPClassUID), name
+    receiver.server.shutdown()
+    assert node.stop() == 0
