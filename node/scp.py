@@ -30,7 +30,7 @@ from pydicom.uid import (
     RLELossless,
     UID,
 )
-from pynetdicom import AE, _config, evt
+from pynetdicom import AE, _config, acse, evt
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
@@ -61,6 +61,36 @@ TRANSFER_SYNTAXES: tuple[UID, ...] = (
 )
 
 _log = log.get("scp")
+
+#: Presentation context result: transfer syntaxes not supported (PS3.8 9.3.3.2).
+TRANSFER_SYNTAXES_NOT_SUPPORTED = 0x04
+
+_negotiate_unrestricted = acse.negotiate_unrestricted
+
+
+def negotiate(rq_contexts: Any, ac_contexts: Any, roles: Any = None) -> Any:
+    """Unrestricted storage negotiation that accepts a transfer syntax the node can store.
+
+    pynetdicom's unrestricted service accepts the *first* proposed transfer
+    syntax of every storage context, even one the node would then have to
+    refuse instance by instance (JPEG XL, say), leaving the modality no
+    fallback. Here each context gets the first proposed syntax in
+    TRANSFER_SYNTAXES, or is rejected (0x04) so the sender can try another.
+    """
+    result, reply_roles = _negotiate_unrestricted(rq_contexts, ac_contexts, roles)
+    proposed = {cx.context_id: list(cx.transfer_syntax) for cx in rq_contexts}
+    for cx in result:
+        if cx.result != 0x00:
+            continue
+        ours = [ts for ts in proposed.get(cx.context_id, []) if ts in TRANSFER_SYNTAXES]
+        if ours:
+            cx.transfer_syntax = [ours[0]]
+        else:
+            cx.result = TRANSFER_SYNTAXES_NOT_SUPPORTED
+    return result, reply_roles
+
+
+acse.negotiate_unrestricted = negotiate  # pynetdicom's acse module calls it by this name
 
 
 def _peer(event: Any) -> dict[str, Any]:

@@ -107,3 +107,20 @@ def test_every_transfer_syntax_and_a_private_class_pass_through(tmp_path, make_n
         assert sop_class == str(original.SOPClassUID), name
     receiver.server.shutdown()
     assert node.stop() == 0
+
+
+def test_a_context_gets_a_syntax_the_node_stores_or_is_rejected(make_node):
+    """Proposed [JPEG XL, explicit VR LE]: explicit VR LE is accepted; proposed [JPEG XL] alone: rejected (0x04)."""
+    jpeg_xl = "1.2.840.10008.1.2.4.110"
+    node = make_node([("TELERAD", free_port())]).start()
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context("1.2.840.10008.5.1.4.1.1.2", [jpeg_xl, ExplicitVRLittleEndian])
+    ae.add_requested_context("1.2.840.10008.5.1.4.1.1.4", [jpeg_xl])
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="TELENODE")
+    assert assoc.is_established
+    accepted = {cx.abstract_syntax: cx.transfer_syntax[0] for cx in assoc.accepted_contexts}
+    rejected = {cx.abstract_syntax: cx.result for cx in assoc.rejected_contexts}
+    assoc.release()
+    assert accepted == {"1.2.840.10008.5.1.4.1.1.2": ExplicitVRLittleEndian}
+    assert rejected == {"1.2.840.10008.5.1.4.1.1.4": 0x04}
+    assert node.stop() == 0
