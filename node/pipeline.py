@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import errno
 import os
+import struct
 import sqlite3
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Callable, Sequence
+from typing import Any, BinaryIO, Callable, Sequence
 
 import pydicom
 from pydicom.dataelem import RawDataElement
@@ -98,7 +99,7 @@ def read(path: str | os.PathLike[str]) -> FileDataset:
 def _short_element(ds: FileDataset) -> bool:
     """True if a top-level element holds fewer bytes than its header declares."""
     for tag in ds.keys():
-        raw = ds.get_item(tag)
+        raw = ds.get_item(tag, keep_deferred=True)  # never read a deferred value just to look at it
         if isinstance(raw, RawDataElement) and raw.value is not None and raw.length != UNDEFINED_LENGTH:
             if len(raw.value) < raw.length:
                 return True
@@ -120,14 +121,65 @@ def writer(ds: FileDataset) -> Callable[[BinaryIO], None]:
 
     Deflated data sets are written as explicit VR little endian: most remote
     PACS do not accept deflate, and the pixel bytes are unchanged either way.
+    Native pixel data that was never read (deferred) is copied from the
+    received file in chunks after the header, so memory stays flat whatever
+    the size of the instance.
     """
+    pixels = _deferred_pixels(ds)  # before the syntax changes: offsets in a deflated file mean nothing
     if ds.file_meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
         ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
 
     def write(handle: BinaryIO) -> None:
-        ds.save_as(handle, enforce_file_format=True)
+        if pixels is None:
+            ds.save_as(handle, enforce_file_format=True)
+            return
+        del ds[PIXEL_DATA]
+        try:
+            ds.save_as(handle, enforce_file_format=True)
+        finally:
+            ds[PIXEL_DATA] = pixels
+        handle.write(_element_header(pixels, ds.file_meta.TransferSyntaxUID))
+        _copy_range(ds.filename, pixels.value_tell, pixels.length, handle)
 
     return write
+
+
+PIXEL_DATA = 0x7FE00010
+COPY_CHUNK = 1 << 20
+
+
+def _deferred_pixels(ds: FileDataset) -> RawDataElement | None:
+    """Pixel Data still in the received file, the last element, of defined length: streamable."""
+    raw = ds.get_item(PIXEL_DATA, keep_deferred=True)
+    if not isinstance(raw, RawDataElement) or raw.value is not None or raw.length == UNDEFINED_LENGTH:
+        return None
+    if not isinstance(getattr(ds, "filename", None), str) or any(tag > PIXEL_DATA for tag in ds.keys()):
+        return None
+    syntax = ds.file_meta.TransferSyntaxUID
+    if syntax.is_deflated or syntax.is_implicit_VR != raw.is_implicit_VR or syntax.is_little_endian != raw.is_little_endian:
+        return None
+    return raw
+
+
+def _element_header(raw: RawDataElement, syntax: Any) -> bytes:
+    """The Pixel Data element header in the output transfer syntax (OB/OW: 4-byte length)."""
+    order = "<" if syntax.is_little_endian else ">"
+    if syntax.is_implicit_VR:
+        return struct.pack(f"{order}HHI", PIXEL_DATA >> 16, PIXEL_DATA & 0xFFFF, raw.length)
+    vr = (raw.VR or "OW").encode("ascii")
+    return struct.pack(f"{order}HH2sHI", PIXEL_DATA >> 16, PIXEL_DATA & 0xFFFF, vr, 0, raw.length)
+
+
+def _copy_range(source: str, offset: int, length: int, target: BinaryIO) -> None:
+    with open(source, "rb") as handle:
+        handle.seek(offset)
+        remaining = length
+        while remaining:
+            chunk = handle.read(min(COPY_CHUNK, remaining))
+            if not chunk:
+                raise EOFError("received file shorter than its pixel data")
+            target.write(chunk)
+            remaining -= len(chunk)
 
 
 def is_out_of_space(exc: BaseException) -> bool:

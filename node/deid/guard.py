@@ -191,7 +191,7 @@ def _texts(ds: Dataset, prefix: str = "") -> Iterator[tuple[str, str, str]]:
     for tag in list(ds.keys()):
         if tag in SKIP_TAGS:
             continue
-        raw = ds.get_item(tag)
+        raw = ds.get_item(tag, keep_deferred=True)  # never read a deferred value just to look at it
         length = getattr(raw, "length", 0) or 0
         if length > MAX_BINARY and length != 0xFFFFFFFF:
             continue

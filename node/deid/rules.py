@@ -460,7 +460,7 @@ class Deidentifier:
 
 def _vr(ds: Dataset, tag: int) -> str:
     """The element's VR without decoding its value (implicit VR falls back to the dictionary)."""
-    raw = ds.get_item(tag)
+    raw = ds.get_item(tag, keep_deferred=True)  # never read a deferred value just to look at it
     vr = getattr(raw, "VR", None)
     if vr and vr != "UN":
         return str(vr)
