@@ -16,6 +16,7 @@ marked failed with the remote's status, and the instances behind it go on.
 
 from __future__ import annotations
 
+import queue
 import random
 import socket
 import threading
@@ -49,6 +50,37 @@ def _nodelay(event: Any) -> None:
     sock = getattr(event.assoc.dul.socket, "socket", None)
     if sock is not None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+#: P-DATA PDUs allowed to wait for the socket; pynetdicom's queue is unbounded, so a fast
+#: disk filled memory with a whole large instance ahead of a slower network.
+MAX_QUEUED_PDUS = 16
+
+
+class _SendQueue(queue.Queue):  # type: ignore[type-arg]
+    """pynetdicom's DUL send queue with back-pressure: put() waits while it is full and the link lives.
+
+    Unbounded underneath (put never blocks inside the queue), so the DUL thread can never
+    deadlock on it; a link that stops draining releases the wait after the network timeout.
+    """
+
+    def __init__(self, assoc: Any, timeout: float) -> None:
+        super().__init__()
+        self.assoc = assoc
+        self.timeout = timeout
+
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        deadline = time.monotonic() + self.timeout
+        while self.qsize() >= MAX_QUEUED_PDUS and self.assoc.is_established and time.monotonic() < deadline:
+            time.sleep(0.0005)
+        super().put(item, block, timeout)
+
+
+def _bound_send_queue(assoc: Any, timeout: float) -> None:
+    """Swap in the bounded queue once the association is up (the old one is empty by then)."""
+    dul = assoc.dul
+    if dul.to_provider_queue.empty():
+        dul.to_provider_queue = _SendQueue(assoc, timeout)
 
 
 class Forwarder:
@@ -158,6 +190,7 @@ class Forwarder:
         assoc = ae.associate(d.host, d.port, ae_title=d.ae_title, evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay)])
         if assoc.is_established:
             self._assoc, self._proposed = assoc, set(contexts)
+            _bound_send_queue(assoc, d.network_timeout)
         return assoc
 
     def _close(self) -> None:

@@ -8,9 +8,10 @@ repeated and reported as median (min–max):
 * ceiling: DCMTK storescu → DCMTK storescp directly;
 * telenode: storescu → telenode → storescp, timed until the last instance has
   arrived at the remote; peak RSS of the telenode process;
-* in-process costs per instance: parse, de-identify, leak guard, encode.
+* in-process costs per instance: parse, de-identify, leak guard, encode;
+* memory: peak RSS of telenode while proxying one large multi-frame instance.
 
-    python3 scripts/bench.py [--instances 500] [--repeat 3] [--quick]
+    python3 scripts/bench.py [--instances 500] [--repeat 3] [--large-mb 1024] [--quick]
 
 Prints one table and exits. DCMTK must be installed (apt-get install dcmtk).
 """
@@ -63,6 +64,27 @@ def wait(condition, timeout: float = 600.0) -> None:
         if time.monotonic() > deadline:
             raise SystemExit("timed out")
         time.sleep(0.01)
+
+
+def large_instance(folder: Path, megabytes: int) -> Path:
+    """One multi-frame 512×512×16 bit instance of about `megabytes` MB, written frame by frame."""
+    folder.mkdir(parents=True, exist_ok=True)
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    frames = max(1, megabytes * 1_000_000 // (512 * 512 * 2))
+    ds.Rows = ds.Columns = 512
+    ds.NumberOfFrames = frames
+    ds.PatientName, ds.PatientID = "LARGE^PATIENT", "MRN-LARGE-1"
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid(entropy_srcs=["bench-large"])
+    for tag in [t for t in ds.keys() if t >= 0x7FE00010]:  # Pixel Data is appended last, below
+        del ds[tag]
+    path = folder / "LARGE.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    frame = bytes(range(256)) * (512 * 512 * 2 // 256)
+    with open(path, "ab") as handle:  # Pixel Data (7FE0,0010) OW, appended without holding it in memory
+        handle.write(b"\xe0\x7f\x10\x00OW\x00\x00" + (len(frame) * frames).to_bytes(4, "little"))
+        for _ in range(frames):
+            handle.write(frame)
+    return path
 
 
 def corpus(folder: Path, count: int) -> list[Path]:
@@ -205,9 +227,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--instances", type=int, default=500)
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--quick", action="store_true", help="100 instances, 1 run")
+    parser.add_argument("--large-mb", type=int, default=1024, help="size of the large instance (0: skip)")
+    parser.add_argument("--quick", action="store_true", help="100 instances, 1 run, 128 MB large instance")
     args = parser.parse_args(argv)
     count, repeat = (100, 1) if args.quick else (args.instances, args.repeat)
+    large_mb = min(args.large_mb, 128) if args.quick else args.large_mb
     with tempfile.TemporaryDirectory(prefix="telenode-bench-") as tmp:
         root = Path(tmp)
         data = root / "data"
@@ -220,6 +244,11 @@ def main(argv: list[str] | None = None) -> int:
             node.append(elapsed)
             rss.append(peak / 1024)
         per_step = steps(files[: min(count, 200)])
+        large = None
+        if large_mb:
+            big = large_instance(root / "large", large_mb)
+            seconds, peak = telenode(root / "large-run", big.parent, 1)
+            large = (big.stat().st_size / 1e6, seconds, peak / 1024)
     print(f"corpus: {count} CT instances, 512x512x16 bit, {megabytes:.0f} MB; {repeat} run(s); median (min–max)")
     print(f"{'':32} {'seconds':>22} {'images/s':>10} {'MB/s':>8}")
     for name, values in (("DCMTK storescu → storescp", ceil), ("storescu → telenode → storescp", node)):
@@ -229,6 +258,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'telenode peak RSS (MB)':32} {summary(rss)}")
     for name, values in per_step.items():
         print(f"{'per instance: ' + name + ' (ms)':32} {summary(values)}")
+    if large:
+        size, seconds, peak = large
+        print(f"{'large instance':32} {size:.0f} MB in {seconds:.1f} s, telenode peak RSS {peak:.0f} MB")
     return 0
 
 
