@@ -452,3 +452,9 @@ def test_pipeline_passes_a_clean_file_with_the_guard_on(tmp_path):
     for secret in NAME_PARTS + (PATIENT_ID,):
         assert secret.encode() not in out
     store.close()
+
+
+def test_numbers_are_not_searched_for_ids():
+    """A numeric Patient ID equal to an Integer String value (here Exposure Time) is no leak: numbers aren't text."""
+    assert planted("W", PatientID="1234567", ExposureTime="1234567") is None
+    assert_leak(planted("ID 1234567", PatientID="1234567"), "LUTExplanation", "text", secrets=("1234567",))

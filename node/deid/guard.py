@@ -33,7 +33,8 @@ no false alarm):
 A needle matches only between characters that are not letters, digits or
 "_" ("ANN" does not match inside "ANNOTATION", "TOSHIBA" not inside
 "TOSHIBA_MEC"). Code strings (CS) and coded values (Code Value, Coding Scheme
-Designator, …) are not searched: they hold a scheme's words, not free text.
+Designator, …) are not searched: they hold a scheme's words, not free text;
+neither are numbers (DS, IS and binary numeric VRs), times and ages.
 A hit names the attribute path, never the value.
 """
 
@@ -52,6 +53,9 @@ from node.deid.record import DeidRecord
 
 TEXT_VRS = frozenset({"AE", "CS", "LO", "SH", "ST", "LT", "UT", "UC", "UR"})
 SKIP_TAGS = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009})  # pixel data is not searched
+#: Code strings, numbers and times: "1234567" the exposure is not patient 1234567.
+UNSEARCHED_VRS = frozenset({"CS", "DS", "IS", "TM", "AS", "US", "SS", "UL", "SL", "FL", "FD", "AT", "SV", "UV",
+                            "OF", "OD", "OL", "OV"})
 #: Coded values: words from a coding scheme, not free text ("TEST" the code is not Mr Test).
 CODE_KEYWORDS = frozenset({"CodeValue", "CodingSchemeDesignator", "CodingSchemeVersion", "LongCodeValue",
                            "URNCodeValue", "ContextIdentifier", "MappingResource", "ContextGroupVersion"})
@@ -202,7 +206,7 @@ def _texts(ds: Dataset, prefix: str = "") -> Iterator[tuple[str, str, str]]:
             for index, item in enumerate(elem.value or []):
                 yield from _texts(item, f"{path}[{index}].")
             continue
-        if elem.VR == "CS" or elem.keyword in CODE_KEYWORDS:
+        if elem.VR in UNSEARCHED_VRS or elem.keyword in CODE_KEYWORDS:
             continue
         value = elem.value
         if value is None or value == "":
