@@ -458,3 +458,14 @@ def test_numbers_are_not_searched_for_ids():
     """A numeric Patient ID equal to an Integer String value (here Exposure Time) is no leak: numbers aren't text."""
     assert planted("W", PatientID="1234567", ExposureTime="1234567") is None
     assert_leak(planted("ID 1234567", PatientID="1234567"), "LUTExplanation", "text", secrets=("1234567",))
+
+
+def test_vendor_named_as_institution_is_no_leak():
+    """Phantom data often says InstitutionName "SIEMENS" beside Manufacturer "SIEMENS": the kept Manufacturer is no leak."""
+    ds = patient()
+    ds.InstitutionName = "SIEMENS"
+    ds.Manufacturer = "SIEMENS"
+    leak, _ = guard(ds)
+    assert leak is None and ds.Manufacturer == "SIEMENS" and ds.InstitutionName != "SIEMENS"
+    assert_leak(planted("SIEMENS", InstitutionName="SIEMENS", Manufacturer="GE"), "LUTExplanation", "text",
+                secrets=("SIEMENS",))

@@ -83,6 +83,9 @@ NEEDLE_VRS = frozenset({"PN", "DA", "DT", "UI"}) | TEXT_VRS
 DEFINITION_UID = re.compile(r"SOPClass|TransferSyntax|ImplementationClass|CodingScheme|CreatorUID|"
                             r"ContextUID|MappingResource|CreatorVersion|TemplateUID")
 
+#: Equipment attributes the table keeps: their values are expected in the output.
+VENDOR_TAGS = frozenset({0x00080070, 0x00081090, 0x00181020, 0x00181016, 0x00181018, 0x00181019})
+
 PATIENT_ID = 0x00100020
 PATIENT_NAME = 0x00100010
 ACCESSION_NUMBER = 0x00080050
@@ -256,6 +259,10 @@ class Deidentifier:
                 self._walk(item, ctx, mode)
         elif vr == "UI" and not ctx.keep_uids and not DEFINITION_UID.search(keyword_for_tag(tag) or ""):
             self._remap(ds[tag], ctx)
+        elif tag in VENDOR_TAGS:
+            # Kept by the table; test and phantom data often name the vendor as the institution
+            # ("SIEMENS"): the same word removed from InstitutionName is then no leak here.
+            ctx.record.retained_values.update(needle_strings(ds[tag].value))
         elif mode and vr in FREE_TEXT_VRS and ds[tag].value not in (None, ""):
             if mode == "dummy":
                 self._note(ctx, tag, vr, ds[tag].value)
