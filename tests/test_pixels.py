@@ -456,3 +456,14 @@ def test_cleaned_instance_passes_the_guard_and_keeps_no_identity(tmp_path, node)
     assert b"SMITHERSON" not in data and original_uid.encode() not in data
     assert outcome.sop_instance_uid != original_uid
     assert json.dumps(n.store.audit_records()).find("SMITHERSON") == -1
+
+
+def test_overlay_embedded_in_pixel_bits_is_suspect_even_when_flag_says_no():
+    """A retired embedded overlay (60xx,0102 > 0, no 60xx,3000) lives in the pixels: suspect whatever the flag."""
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    ds.BurnedInAnnotation = "NO"
+    assert burned_in_reason(ds) is None
+    ds.add_new(0x60000102, "US", 15)
+    assert "embedded" in burned_in_reason(ds)
+    ds.add_new(0x60003000, "OW", b"\x00" * 8)
+    assert burned_in_reason(ds) is None

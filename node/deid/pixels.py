@@ -4,7 +4,9 @@ The profile's attribute rules cannot see text drawn into the image. An
 instance is *suspect* when it says so (BurnedInAnnotation = YES), or when it
 belongs to the kinds that usually carry burned-in text — secondary capture,
 ultrasound, screen saves and dose screens — unless it says it does not
-(BurnedInAnnotation = NO). The node's policy (`burned_in`) decides what
+(BurnedInAnnotation = NO); and always when an overlay is embedded in the
+unused high bits of the pixel data (the retired form), since removing the
+overlay group under the profile would leave its bits in the image. The node's policy (`burned_in`) decides what
 happens to a suspect instance; with the Clean Pixel Data option (PS3.15
 E.3.1, code 113101) a matching `pixel_rules` entry blanks its rectangles
 first, and a cleaned instance is no longer suspect.
@@ -55,6 +57,8 @@ def burned_in_reason(ds: FileDataset) -> str | None:
     flag = str(ds.get("BurnedInAnnotation", "") or "").strip().upper()
     if flag == "YES":
         return "BurnedInAnnotation is YES"
+    if _embedded_overlay(ds):  # whatever the flag says: the overlay's bits are in the pixels
+        return "overlay embedded in the pixel data's unused bits"
     if flag == "NO":
         return None
     if str(ds.get("SOPClassUID", "")) in SUSPECT_SOP_CLASSES:
@@ -66,6 +70,16 @@ def burned_in_reason(ds: FileDataset) -> str | None:
     if any(word in image_type for word in SUSPECT_IMAGE_TYPES) or DOSE_SCREEN.search(series):
         return "screen save or dose screen"
     return None
+
+
+def _embedded_overlay(ds: FileDataset) -> bool:
+    """A (retired) overlay stored in the high bits of Pixel Data: an overlay group without
+    Overlay Data whose Overlay Bit Position is above zero. Removing the group would leave it there."""
+    for group in range(0x6000, 0x6020, 2):
+        position = ds.get((group << 16) | 0x0102)
+        if position is not None and (group << 16) | 0x3000 not in ds and int(position.value or 0) > 0:
+            return True
+    return False
 
 
 def matching_rule(ds: FileDataset, rules: Sequence[PixelRule]) -> PixelRule | None:
