@@ -29,6 +29,7 @@ from pydicom.sequence import Sequence
 from pydicom.uid import CTImageStorage, MRImageStorage
 
 from node.deid import SUPPORTED_OPTIONS, DeidError, Deidentifier, Pseudonymizer
+from node.deid.rules import TABLE_OPTIONS
 from node.deid.pseudonyms import patient_key
 
 REPO = Path(__file__).resolve().parents[1]
@@ -217,7 +218,7 @@ class Case:
     """One attribute planted in CT_small (top level or in an untabled sequence item), de-identified."""
 
     def __init__(self, tag: int, vr: str, n: int, nested: bool, options: tuple[str, ...] = ()):
-        self.tag, self.vr = tag, vr
+        self.tag, self.vr, self.options = tag, vr, options
         self.ds = load()
         self.ds.AccessionNumber = "ACC12345"
         if tag == PATIENT_NAME:
@@ -408,6 +409,78 @@ def test_retain_long_modified_dates_C_shifts_dates(tag, vr, n):
     assert -3650 <= offset <= -1
     shifted = (datetime.date(2001, 2, 3) + datetime.timedelta(days=offset)).strftime("%Y%m%d")
     assert str(case.after) == (shifted if vr == "DA" else shifted + "040506")
+
+
+SEEDS = ("retain_safe_private", "retain_device_identity", "clean_descriptors", "clean_graphics")
+
+
+def resolved_outcome(action: str, vr: str, options: tuple[str, ...]) -> str:
+    """What the resolved action does to a value of this VR (module docstring of rules.py)."""
+    if action == "K" and vr == "SQ":
+        return "keep items" if "retain_uids" not in options else "keep items, UIDs kept"
+    if action != "C":
+        return expected_outcome(action, vr)
+    if vr == "SQ":
+        return "clean items"
+    if vr in ("DA", "DT"):
+        return "shifted" if "retain_long_modified_dates" in options else "dummy"
+    if vr == "UI":
+        return "uid"
+    if vr == "PN":
+        return "dummy"
+    return "kept"  # text with no identifier in it, times, ages, numbers, binary: unchanged by C
+
+
+def claimed_action(rule: dict, options: tuple[str, ...]) -> str:
+    """The spec, written independently of the engine: a claimed option's cell replaces the Basic
+    action; where claimed options disagree, keeping (K) wins over cleaning (C)."""
+    claimed = [rule["options"][o] for o in options if o in rule["options"]]
+    for action in ("K", "C"):
+        if action in claimed:
+            return action
+    return claimed[0] if claimed else rule["basic"]
+
+
+def column_cases(options_sets: list[tuple[str, ...]], nested: bool) -> list:
+    """Every row that has a cell for any of the options, with the action resolved for the set."""
+    cases = []
+    for options in options_sets:
+        for n, (tag, rule, vr) in enumerate(ROWS):
+            if nested and tag >> 16 == 0x0002 or not set(rule["options"]) & set(options):
+                continue
+            action = claimed_action(rule, options)
+            name = "+".join(options) if options != SEEDS else "seeds"
+            cases.append(pytest.param(options, tag, vr, n, action, id=f"{name}-{row_id(tag, rule, vr, action)}"))
+    return cases
+
+
+def check_resolved(case: "Case", outcome: str) -> None:
+    if outcome == "shifted":
+        after, before = str(case.after), str(case.before)
+        assert after != before and len(after) == len(before) and after[8:] == before[8:], "C: date not shifted"
+    elif outcome == "clean items":
+        case.check_clean_items(remap="retain_uids" not in case.options, dummy_text=False)
+    elif outcome == "keep items, UIDs kept":
+        case.check_clean_items(remap=False, dummy_text=False)
+    else:
+        case.check(outcome)
+
+
+ALONE = [(option,) for option in TABLE_OPTIONS]
+#: The one pair of columns whose cells disagree on some rows (K vs C on device calibration dates).
+CONFLICT = ("retain_device_identity", "retain_long_modified_dates")
+
+
+@pytest.mark.parametrize("options,tag,vr,n,action", column_cases(ALONE + [SEEDS, CONFLICT], nested=False))
+def test_option_column_top_level(options, tag, vr, n, action):
+    """Each option alone, the seeds' combination and the one conflicting pair: every row with a claimed column."""
+    check_resolved(Case(tag, vr, n, nested=False, options=options), resolved_outcome(action, vr, options))
+
+
+@pytest.mark.parametrize("options,tag,vr,n,action", column_cases(ALONE + [SEEDS, CONFLICT], nested=True))
+def test_option_column_nested(options, tag, vr, n, action):
+    """The same inside an item of an untabled, kept sequence."""
+    check_resolved(Case(tag, vr, n, nested=True, options=options), resolved_outcome(action, vr, options))
 
 
 CLEAN_TEXT_VRS = {"LO", "SH", "ST", "LT", "UT", "UC", "CS"}
