@@ -79,6 +79,10 @@ def _store(settings: config.Settings) -> Store:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    # First of all: a SIGTERM that arrives while the node starts must still stop it gracefully.
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
     settings = _settings(args)
     log.configure(settings.log_format, settings.log_level)
     logger = log.get("node")
@@ -100,9 +104,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     for forwarder in forwarders:
         forwarder.start()
     store.audit("node_started", ae_title=settings.ae_title, port=settings.port, version=__version__)
-    stop = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
     logger.info("node_started", version=__version__, destinations=[d.name for d in settings.destinations])
     while not stop.wait(1.0):
         pass

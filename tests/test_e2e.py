@@ -223,3 +223,11 @@ def test_sigterm_is_not_held_by_an_idle_tcp_connection(tmp_path, make_node):
         started = time.monotonic()
         assert node.stop() == 0
         assert time.monotonic() - started < 10
+
+
+def test_sigterm_right_after_the_port_opens_still_stops_gracefully(tmp_path, make_node):
+    """The signal handlers are in place before the port listens: exit 0, not killed by the default action."""
+    node = make_node([("TELERAD", free_port())])
+    for _ in range(3):
+        node.start()
+        assert node.stop() == 0
