@@ -24,9 +24,9 @@ import sqlite_utils
 
 from node.deid.record import DeidRecord
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
-PENDING, SENT, FAILED = "pending", "sent", "failed"
+PENDING, INFLIGHT, SENT, FAILED = "pending", "inflight", "sent", "failed"
 
 
 def _now() -> float:
@@ -63,6 +63,8 @@ class Store:
                 raise sqlite3.DatabaseError(f"database schema {version} is newer than this telenode ({SCHEMA_VERSION})")
             if version < 1:
                 self._schema_1()
+            if version < 2:
+                self._schema_2()
             self.db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     def _schema_1(self) -> None:
@@ -94,6 +96,12 @@ class Store:
         db["studies"].create_index(["pseudo_accession_number"], if_not_exists=True)
         db["queue"].create_index(["destination", "status", "priority", "id"], if_not_exists=True)
         db["queue"].create_index(["pseudo_sop_instance_uid", "status"], if_not_exists=True)
+
+    def _schema_2(self) -> None:
+        """Per-destination state: paused by an operator, the last destination-wide error."""
+        self.db["destinations"].create({
+            "name": str, "paused": int, "last_error": str, "error_time": float, "updated": float,
+        }, pk="name", if_not_exists=True)
 
     def _tx(self) -> Any:
         return _Transaction(self.db.conn)
@@ -211,8 +219,9 @@ class Store:
     # -- queue ----------------------------------------------------------------------------------
 
     def claim_batch(self, destination: str, limit: int) -> list[dict[str, Any]]:
-        """Pending rows due now for one destination: highest priority first, then oldest."""
-        with self._lock:
+        """Take due pending rows of one destination (highest priority first, then oldest) and mark them
+        in flight, so that parallel workers never send the same row twice."""
+        with self._lock, self._tx():
             cursor = self.db.execute(
                 "SELECT id, pseudo_sop_instance_uid, sop_class_uid, transfer_syntax, path, size, priority, attempts, "
                 "failures FROM queue WHERE destination = ? AND status = ? AND due <= ? "
@@ -220,7 +229,26 @@ class Store:
                 [destination, PENDING, _now(), limit],
             )
             names = [d[0] for d in cursor.description]
-            return [dict(zip(names, row)) for row in cursor.fetchall()]
+            rows = [dict(zip(names, row)) for row in cursor.fetchall()]
+            if rows:
+                marks = ",".join("?" * len(rows))
+                self.db.execute(f"UPDATE queue SET status = ?, updated = ? WHERE id IN ({marks})",
+                                [INFLIGHT, _now(), *[r["id"] for r in rows]])
+        return rows
+
+    def release(self, ids: Iterable[int], delay: float = 0.0) -> None:
+        """Put in-flight rows back in the queue, due after `delay` (a transient problem, not counted)."""
+        ids = list(ids)
+        if ids:
+            marks = ",".join("?" * len(ids))
+            with self._lock, self._tx():
+                self.db.execute(f"UPDATE queue SET status = ?, due = ?, updated = ? WHERE id IN ({marks}) "
+                                f"AND status = ?", [PENDING, _now() + delay, _now(), *ids, INFLIGHT])
+
+    def recover(self) -> int:
+        """At start: rows a killed node left in flight go back to pending (sent at least once, never lost)."""
+        with self._lock, self._tx():
+            return self.db.execute("UPDATE queue SET status = ? WHERE status = ?", [PENDING, INFLIGHT]).rowcount
 
     def next_due(self, destination: str) -> float | None:
         """When the earliest pending row of a destination becomes due (epoch seconds)."""
@@ -228,6 +256,13 @@ class Store:
             row = self.db.execute("SELECT MIN(due) FROM queue WHERE destination = ? AND status = ?",
                                   [destination, PENDING]).fetchone()
         return row[0] if row else None
+
+    def higher_priority_waiting(self, destination: str, priority: int) -> bool:
+        """Whether a due row of higher priority than `priority` waits for this destination (STAT)."""
+        with self._lock:
+            row = self.db.execute("SELECT 1 FROM queue WHERE destination = ? AND status = ? AND priority > ? "
+                                  "AND due <= ? LIMIT 1", [destination, PENDING, priority, _now()]).fetchone()
+        return row is not None
 
     def mark_sent(self, ids: Iterable[int]) -> list[str]:
         """Mark rows sent; return the spool paths no destination still needs (safe to delete)."""
@@ -238,51 +273,107 @@ class Store:
         with self._lock, self._tx():
             self.db.execute(f"UPDATE queue SET status = ?, updated = ?, last_error = NULL WHERE id IN ({marks})",
                             [SENT, _now(), *ids])
-            rows = self.db.execute(
-                f"SELECT DISTINCT q.path FROM queue q WHERE q.id IN ({marks}) AND NOT EXISTS (SELECT 1 FROM queue p "
-                f"WHERE p.path = q.path AND p.status = ?)", [*ids, PENDING]).fetchall()
+            self.db.execute(f"UPDATE destinations SET last_error = NULL WHERE name IN "
+                            f"(SELECT destination FROM queue WHERE id IN ({marks}))", ids)
+            return self._unneeded(ids)
+
+    def _unneeded(self, ids: list[int]) -> list[str]:
+        marks = ",".join("?" * len(ids))
+        rows = self.db.execute(
+            f"SELECT DISTINCT q.path FROM queue q WHERE q.id IN ({marks}) AND NOT EXISTS (SELECT 1 FROM queue p "
+            f"WHERE p.path = q.path AND p.status IN (?, ?))", [*ids, PENDING, INFLIGHT]).fetchall()
         return [r[0] for r in rows]
 
     def mark_retry(self, row_id: int, error: str, delay: float, *, failure: bool) -> None:
         """Try again after `delay` seconds; `failure` counts a refusal of this instance by the remote."""
         with self._lock, self._tx():
             self.db.execute(
-                "UPDATE queue SET attempts = attempts + 1, failures = failures + ?, due = ?, updated = ?, "
-                "last_error = ? WHERE id = ?", [1 if failure else 0, _now() + delay, _now(), error, row_id])
+                "UPDATE queue SET status = ?, attempts = attempts + 1, failures = failures + ?, due = ?, "
+                "updated = ?, last_error = ? WHERE id = ?",
+                [PENDING, 1 if failure else 0, _now() + delay, _now(), error, row_id])
 
-    def mark_failed(self, row_id: int, error: str) -> None:
-        """Give up on one row: the remote refused it permanently."""
+    def mark_failed(self, row_id: int, error: str) -> list[str]:
+        """Give up on one row: the remote refused it permanently. Returns spool paths no longer needed."""
         with self._lock, self._tx():
             self.db.execute(
                 "UPDATE queue SET status = ?, attempts = attempts + 1, failures = failures + 1, updated = ?, "
                 "last_error = ? WHERE id = ?", [FAILED, _now(), error, row_id])
+            return self._unneeded([row_id])
+
+    def failed_row(self, row_id: int) -> dict[str, Any] | None:
+        with self._lock:
+            cursor = self.db.execute("SELECT * FROM queue WHERE id = ?", [row_id])
+            row = cursor.fetchone()
+            return dict(zip([d[0] for d in cursor.description], row)) if row else None
+
+    def requeue(self, destination: str, record: dict[str, Any]) -> None:
+        """Queue a file again for one destination (quarantine retry), as a new pending row."""
+        now = _now()
+        with self._lock, self._tx():
+            self.db["queue"].insert({
+                "destination": destination, "pseudo_sop_instance_uid": record["pseudo_sop_instance_uid"],
+                "sop_class_uid": record["sop_class_uid"], "transfer_syntax": record["transfer_syntax"],
+                "path": record["path"], "size": record["size"], "priority": record.get("priority", 0),
+                "status": PENDING, "attempts": 0, "failures": 0, "due": now, "created": now, "updated": now,
+                "last_error": None,
+            })
 
     def note_error(self, destination: str, error: str) -> None:
-        """Remember a destination-wide problem (remote down) on its pending rows, for `status`."""
+        """Remember a destination-wide problem (remote down, refusing associations), for `status`."""
         with self._lock, self._tx():
-            self.db.execute("UPDATE queue SET last_error = ?, attempts = attempts + 1 WHERE destination = ? "
-                            "AND status = ? AND due <= ?", [error, destination, PENDING, _now()])
+            self._destination(destination)
+            self.db.execute("UPDATE destinations SET last_error = ?, error_time = ?, updated = ? WHERE name = ?",
+                            [error, _now(), _now(), destination])
+
+    def _destination(self, name: str) -> None:
+        self.db.execute("INSERT OR IGNORE INTO destinations (name, paused, updated) VALUES (?, 0, ?)", [name, _now()])
+
+    def set_paused(self, destination: str, paused: bool) -> None:
+        """Pause or resume one destination's queue (instances keep being accepted and queued)."""
+        with self._lock, self._tx():
+            self._destination(destination)
+            self.db.execute("UPDATE destinations SET paused = ?, updated = ? WHERE name = ?",
+                            [1 if paused else 0, _now(), destination])
+
+    def is_paused(self, destination: str) -> bool:
+        with self._lock:
+            row = self.db.execute("SELECT paused FROM destinations WHERE name = ?", [destination]).fetchone()
+        return bool(row and row[0])
 
     def status(self) -> dict[str, dict[str, Any]]:
-        """Per destination: pending, sent and failed counts, oldest pending age, last error."""
+        """Per destination: pending, in-flight, sent and failed counts, oldest waiting age, last error, paused."""
         now = _now()
         result: dict[str, dict[str, Any]] = {}
+
+        def entry(name: str) -> dict[str, Any]:
+            return result.setdefault(name, empty_status())
+
         with self._lock:
             for destination, state, count, oldest in self.db.execute(
                 "SELECT destination, status, COUNT(*), MIN(created) FROM queue GROUP BY destination, status"
             ).fetchall():
-                row = result.setdefault(destination, {PENDING: 0, SENT: 0, FAILED: 0, "oldest_pending_age_s": None,
-                                                      "last_error": None})
+                row = entry(destination)
                 row[state] = count
-                if state == PENDING:
-                    row["oldest_pending_age_s"] = round(now - oldest, 1)
+                if state in (PENDING, INFLIGHT):
+                    age = round(now - oldest, 1)
+                    row["oldest_pending_age_s"] = max(row["oldest_pending_age_s"] or 0, age)
             for destination, error in self.db.execute(
-                "SELECT destination, last_error FROM queue WHERE last_error IS NOT NULL AND status != ? "
-                "AND id IN (SELECT MAX(id) FROM queue WHERE last_error IS NOT NULL AND status != ? "
-                "GROUP BY destination)", [SENT, SENT]
+                "SELECT destination, last_error FROM queue WHERE id IN (SELECT MAX(id) FROM queue "
+                "WHERE last_error IS NOT NULL AND status != ? GROUP BY destination)", [SENT]
             ).fetchall():
-                result[destination]["last_error"] = error
+                entry(destination)["last_error"] = error
+            for name, paused, error in self.db.execute("SELECT name, paused, last_error FROM destinations").fetchall():
+                row = entry(name)
+                row["paused"] = bool(paused)
+                if error:  # a destination-wide problem is the news: it explains every waiting row
+                    row["last_error"] = error
         return result
+
+
+def empty_status() -> dict[str, Any]:
+    """One destination's status with nothing queued."""
+    return {PENDING: 0, INFLIGHT: 0, SENT: 0, FAILED: 0, "oldest_pending_age_s": None, "last_error": None,
+            "paused": False}
 
 
 class _Transaction:

@@ -8,13 +8,14 @@ from __future__ import annotations
 import json
 import sqlite3
 import stat
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
 from node.deid.record import DeidRecord
-from node.store import FAILED, PENDING, SCHEMA_VERSION, SENT, Store
+from node.store import FAILED, INFLIGHT, PENDING, SCHEMA_VERSION, SENT, Store, empty_status
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 EXPLICIT = "1.2.840.10008.1.2.1"
@@ -72,10 +73,12 @@ def store(tmp_path: Path):
 
 def test_schema_version_and_wal(store):
     """A new database carries PRAGMA user_version == SCHEMA_VERSION and runs in WAL mode."""
-    assert store.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 1
+    assert store.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
     assert store.db.execute("PRAGMA journal_mode").fetchone()[0].lower() == "wal"
     tables = set(store.db.table_names())
-    assert {"patients", "studies", "series", "instances", "uids", "queue", "audit"} <= tables
+    assert {"patients", "studies", "series", "instances", "uids", "queue", "audit", "destinations"} <= tables
+    assert set(store.db["destinations"].columns_dict) == {"name", "paused", "last_error", "error_time", "updated"}
+    assert store.db["destinations"].pks == ["name"]
     # A separate connection agrees: the settings are in the file, not only in this connection.
     other = sqlite3.connect(store.path)
     try:
@@ -309,20 +312,31 @@ def test_claim_batch_orders_priority_then_id(store):
     for n, priority in enumerate(priorities, start=1):
         queue(store, make_record(n), priority=priority)
     queue(store, make_record(99), destinations=("other",), priority=5)
-    batch = store.claim_batch("remote", 100)
-    assert [(r["priority"], r["id"]) for r in batch] == [(1, 3), (1, 5), (0, 1), (0, 4), (0, 6), (-1, 2), (-1, 7)]
-    assert [r["id"] for r in store.claim_batch("remote", 3)] == [3, 5, 1]
+    first = store.claim_batch("remote", 3)
+    assert [(r["priority"], r["id"]) for r in first] == [(1, 3), (1, 5), (0, 1)]
+    rest = store.claim_batch("remote", 100)
+    assert [(r["priority"], r["id"]) for r in rest] == [(0, 4), (0, 6), (-1, 2), (-1, 7)]
     assert [r["pseudo_sop_instance_uid"] for r in store.claim_batch("other", 10)] == ["2.25.130099"]
     assert store.claim_batch("nowhere", 10) == []
+    assert store.claim_batch("remote", 100) == []
 
 
-def test_claim_batch_is_not_destructive(store):
-    """Claiming does not change the rows: a second claim returns the same rows until they are marked."""
+def test_claim_batch_marks_inflight(store):
+    """Claiming marks the rows in flight: a second claim does not return them, only rows queued since."""
     for n in range(3):
         queue(store, make_record(n))
     first = store.claim_batch("remote", 10)
-    assert store.claim_batch("remote", 10) == first
     assert len(first) == 3
+    assert set(first[0]) == {"id", "pseudo_sop_instance_uid", "sop_class_uid", "transfer_syntax", "path", "size",
+                             "priority", "attempts", "failures"}
+    assert [r["status"] for r in rows(store)] == [INFLIGHT] * 3
+    assert all(r["attempts"] == 0 and r["failures"] == 0 for r in rows(store))  # claiming is not an attempt
+    assert store.claim_batch("remote", 10) == []
+    assert store.next_due("remote") is None  # nothing pending: in-flight rows are not waiting
+    queue(store, make_record(7))
+    second = store.claim_batch("remote", 10)
+    assert [r["pseudo_sop_instance_uid"] for r in second] == ["2.25.13007"]
+    assert not {r["id"] for r in first} & {r["id"] for r in second}
 
 
 def test_mark_sent_single_destination_returns_path(store):
@@ -347,6 +361,14 @@ def test_mark_sent_waits_for_every_destination(store):
     assert store.mark_sent([b[1]["id"]]) == ["/spool/2.dcm"]
 
 
+def test_mark_sent_keeps_path_needed_in_flight(store):
+    """A file another destination is sending right now (in flight) is not returned by mark_sent."""
+    queue(store, make_record(1), destinations=("a", "b"), path="/spool/1.dcm")
+    a, b = store.claim_batch("a", 10), store.claim_batch("b", 10)
+    assert store.mark_sent([a[0]["id"]]) == []
+    assert store.mark_sent([b[0]["id"]]) == ["/spool/1.dcm"]
+
+
 def test_mark_sent_clears_last_error(store):
     """A row that had an error and is then sent carries no last_error any more."""
     queue(store, make_record())
@@ -357,27 +379,44 @@ def test_mark_sent_clears_last_error(store):
     assert store.status()["remote"]["last_error"] is None
 
 
+def test_mark_sent_clears_destination_error_of_its_destination_only(store):
+    """mark_sent clears the destination-wide last_error of the sent rows' destination, not of the others."""
+    queue(store, make_record(1), destinations=("a", "b"))
+    store.note_error("a", "remote unreachable or aborted")
+    store.note_error("b", "association rejected")
+    store.mark_sent([store.claim_batch("a", 10)[0]["id"]])
+    status = store.status()
+    assert status["a"]["last_error"] is None
+    assert status["b"]["last_error"] == "association rejected"
+    assert rows(store, "SELECT name, last_error FROM destinations ORDER BY name") == [
+        {"name": "a", "last_error": None}, {"name": "b", "last_error": "association rejected"}]
+
+
 def test_mark_retry_delays_and_counts(store):
-    """mark_retry makes the row unclaimable until due, counts attempts, and failures only if asked."""
+    """mark_retry sets the row pending again, unclaimable until due; counts attempts, and failures only if asked."""
     queue(store, make_record(1))
     queue(store, make_record(2))
-    first = store.claim_batch("remote", 10)[0]
+    first = store.claim_batch("remote", 1)[0]
+    assert first["id"] == 1
     before = time.time()
     store.mark_retry(first["id"], "status 0xA700: busy", 0.6, failure=True)
-    assert [r["id"] for r in store.claim_batch("remote", 10)] == [2]
     row = rows(store)[0]
-    assert row["attempts"] == 1 and row["failures"] == 1 and row["last_error"] == "status 0xA700: busy"
     assert row["status"] == PENDING
+    assert row["attempts"] == 1 and row["failures"] == 1 and row["last_error"] == "status 0xA700: busy"
     assert before + 0.5 <= row["due"] <= time.time() + 0.7
-    assert store.next_due("remote") <= time.time()  # row 2 is due now
+    assert store.next_due("remote") <= time.time()  # row 2 is pending and due now
+    assert [r["id"] for r in store.claim_batch("remote", 10)] == [2]
+    assert store.claim_batch("remote", 10) == []  # row 1 is not due yet
+    assert store.next_due("remote") == pytest.approx(row["due"])  # only row 1 is pending
     time.sleep(0.7)
-    assert [r["id"] for r in store.claim_batch("remote", 10)] == [1, 2]
-    claimed = store.claim_batch("remote", 10)[0]
-    assert claimed["failures"] == 1 and claimed["attempts"] == 1
+    claimed = store.claim_batch("remote", 10)
+    assert [r["id"] for r in claimed] == [1]
+    assert claimed[0]["failures"] == 1 and claimed[0]["attempts"] == 1
 
     store.mark_retry(first["id"], "remote unreachable", 0.0, failure=False)
     row = rows(store)[0]
-    assert row["attempts"] == 2 and row["failures"] == 1
+    assert row["status"] == PENDING and row["attempts"] == 2 and row["failures"] == 1
+    assert [r["id"] for r in store.claim_batch("remote", 10)] == [1]
 
 
 def test_next_due(store):
@@ -403,44 +442,336 @@ def test_mark_failed(store):
     assert got["last_error"] == "status 0xC000: cannot understand"
     assert got["attempts"] == 1 and got["failures"] == 1
     assert [r["id"] for r in store.claim_batch("remote", 10)] == [2]
+    assert store.recover() == 1  # row 2 only: a failed row is not brought back
+    assert rows(store)[0]["status"] == FAILED
+    assert [r["id"] for r in store.claim_batch("remote", 10)] == [2]
 
 
-def test_note_error_marks_due_pending_rows(store):
-    """note_error records a destination-wide error on its due pending rows only."""
+def test_mark_failed_returns_path_only_when_unneeded(store):
+    """mark_failed returns the spool path only once no other destination's row (pending or in flight) needs it."""
+    queue(store, make_record(1), destinations=("a", "b"), path="/spool/1.dcm")  # ids 1 (a), 2 (b)
+    queue(store, make_record(2), destinations=("a", "b"), path="/spool/2.dcm")  # ids 3 (a), 4 (b)
+    queue(store, make_record(3), destinations=("a",), path="/spool/3.dcm")  # id 5 (a)
+    assert [r["id"] for r in store.claim_batch("a", 10)] == [1, 3, 5]
+    assert store.mark_failed(1, "status 0xC000") == []  # b's row 2 is still pending
+    assert [r["id"] for r in store.claim_batch("b", 10)] == [2, 4]
+    assert store.mark_failed(3, "status 0xC000") == []  # b's row 4 is in flight
+    assert store.mark_failed(5, "status 0xC000") == ["/spool/3.dcm"]  # nobody else needs it
+    assert store.mark_sent([2]) == ["/spool/1.dcm"]  # a gave up on it, b has sent it
+    assert store.mark_failed(4, "status 0xC000") == ["/spool/2.dcm"]  # both gave up
+
+
+def test_release_puts_inflight_rows_back_after_delay(store):
+    """release() makes in-flight rows pending again, due after the delay, uncounted; other rows are untouched."""
+    for n in range(1, 5):
+        queue(store, make_record(n))
+    store.mark_sent([store.claim_batch("remote", 1)[0]["id"]])  # row 1 sent
+    assert [r["id"] for r in store.claim_batch("remote", 2)] == [2, 3]  # row 4 stays pending
+    untouched = {r["id"]: r for r in rows(store) if r["id"] in (1, 4)}
+    before = time.time()
+    store.release([1, 2, 3, 4], 0.5)
+    after = time.time()
+    got = {r["id"]: r for r in rows(store)}
+    assert got[1] == untouched[1] and got[4] == untouched[4]
+    for row_id in (2, 3):
+        assert got[row_id]["status"] == PENDING
+        assert before + 0.5 <= got[row_id]["due"] <= after + 0.5
+        assert got[row_id]["attempts"] == 0 and got[row_id]["failures"] == 0 and got[row_id]["last_error"] is None
+    assert [r["id"] for r in store.claim_batch("remote", 10)] == [4]  # 2 and 3 are not due yet
+    time.sleep(0.6)
+    assert [r["id"] for r in store.claim_batch("remote", 10)] == [2, 3]
+    store.release([])  # nothing to do
+    store.release([2, 3])  # default: due at once
+    assert [r["id"] for r in store.claim_batch("remote", 10)] == [2, 3]
+
+
+def test_recover_after_crash(tmp_path):
+    """Rows a killed node left in flight come back as pending on recover(), which returns their number."""
+    path = tmp_path / "telenode.sqlite"
+    first = Store(path)
+    for n in range(1, 6):
+        queue(first, make_record(n))
+    assert [r["id"] for r in first.claim_batch("remote", 3)] == [1, 2, 3]
+    first.mark_sent([1])
+    first.mark_retry(2, "status 0xA700", 0.0, failure=False)
+    assert [r["id"] for r in first.claim_batch("remote", 1)] == [2]
+    first.close()  # the "crash": rows 2 and 3 are still in flight
+
+    second = Store(path)
+    try:
+        assert [r["status"] for r in rows(second)] == [SENT, INFLIGHT, INFLIGHT, PENDING, PENDING]
+        assert second.status()["remote"][INFLIGHT] == 2
+        assert second.recover() == 2
+        got = rows(second)
+        assert [r["status"] for r in got] == [SENT, PENDING, PENDING, PENDING, PENDING]
+        assert got[1]["attempts"] == 1 and got[1]["last_error"] == "status 0xA700"  # history kept
+        assert second.recover() == 0
+        status = second.status()["remote"]
+        assert status[PENDING] == 4 and status[INFLIGHT] == 0 and status[SENT] == 1
+        assert [r["id"] for r in second.claim_batch("remote", 10)] == [2, 3, 4, 5]
+    finally:
+        second.close()
+
+
+def _claim_all(store: Store, start: threading.Barrier, got: list[int], errors: list[BaseException]) -> None:
+    """Claim batches of 3 until the queue is empty, appending the claimed ids to `got`."""
+    try:
+        start.wait(10)
+        while True:
+            batch = store.claim_batch("remote", 3)
+            if not batch:
+                return
+            got.extend(r["id"] for r in batch)
+            time.sleep(0)  # let the other claimers in
+    except BaseException as exc:  # pragma: no cover - reported by the test
+        errors.append(exc)
+
+
+def _run_claimers(stores: list[Store]) -> list[list[int]]:
+    start = threading.Barrier(len(stores))
+    results: list[list[int]] = [[] for _ in stores]
+    errors: list[BaseException] = []
+    threads = [threading.Thread(target=_claim_all, args=(s, start, results[i], errors)) for i, s in enumerate(stores)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert not any(thread.is_alive() for thread in threads)
+    assert errors == []
+    return results
+
+
+def test_parallel_claimers_same_store_never_share_a_row(store):
+    """Four threads claiming from one Store over 200 rows never get the same row id, and together get all."""
+    for n in range(200):
+        queue(store, make_record(n))
+    results = _run_claimers([store] * 4)
+    claimed = [i for result in results for i in result]
+    assert len(claimed) == 200
+    assert sorted(claimed) == list(range(1, 201))
+    assert store.status()["remote"][INFLIGHT] == 200
+
+
+def test_parallel_claimers_two_stores_never_share_a_row(tmp_path):
+    """Two Store objects on the same file (two threads each) never claim the same row id across 200 rows."""
+    path = tmp_path / "telenode.sqlite"
+    one = Store(path)
+    two = Store(path)
+    try:
+        for n in range(200):
+            queue(one, make_record(n))
+        a, b = one.claim_batch("remote", 5), two.claim_batch("remote", 5)
+        assert [r["id"] for r in a] == [1, 2, 3, 4, 5]
+        assert [r["id"] for r in b] == [6, 7, 8, 9, 10]  # the other connection sees the rows in flight
+        results = _run_claimers([one, two, one, two])
+        claimed = [r["id"] for r in a + b] + [i for result in results for i in result]
+        assert len(claimed) == 200
+        assert sorted(claimed) == list(range(1, 201))
+        assert two.status()["remote"][INFLIGHT] == 200
+    finally:
+        one.close()
+        two.close()
+
+
+def test_higher_priority_waiting(store):
+    """higher_priority_waiting is true only for a due pending row of strictly higher priority, same destination."""
+    queue(store, make_record(1), priority=0)
+    queue(store, make_record(2), priority=1)
+    queue(store, make_record(3), destinations=("other",), priority=5)
+    assert store.higher_priority_waiting("remote", 0) is True
+    assert store.higher_priority_waiting("remote", -1) is True
+    assert store.higher_priority_waiting("remote", 1) is False  # equal is not higher
+    assert store.higher_priority_waiting("nowhere", 0) is False
+    stat_row = store.claim_batch("remote", 1)[0]
+    assert stat_row["priority"] == 1
+    assert store.higher_priority_waiting("remote", 0) is False  # in flight is not waiting
+    store.release([stat_row["id"]], 30.0)
+    assert store.higher_priority_waiting("remote", 0) is False  # pending but not due
+    store.mark_retry(stat_row["id"], "status 0xA700", 0.0, failure=False)
+    assert store.higher_priority_waiting("remote", 0) is True
+    assert store.higher_priority_waiting("other", 4) is True and store.higher_priority_waiting("other", 5) is False
+
+
+def test_pause_resume_persisted(tmp_path):
+    """set_paused is stored in the file: a new Store sees it, status reports it, resume is persisted too."""
+    path = tmp_path / "telenode.sqlite"
+    first = Store(path)
+    assert first.is_paused("a") is False  # unknown destination: not paused
+    first.note_error("a", "association rejected")
+    first.set_paused("a", True)
+    first.set_paused("a", True)  # idempotent
+    assert first.is_paused("a") is True and first.is_paused("b") is False
+    first.close()
+
+    second = Store(path)
+    try:
+        assert second.is_paused("a") is True
+        assert second.status() == {"a": {**empty_status(), "paused": True, "last_error": "association rejected"}}
+        second.set_paused("a", False)
+    finally:
+        second.close()
+
+    third = Store(path)
+    try:
+        assert third.is_paused("a") is False
+        assert third.status()["a"]["paused"] is False
+        assert third.status()["a"]["last_error"] == "association rejected"  # pausing does not touch the error
+    finally:
+        third.close()
+
+
+def test_requeue_failed_row(store):
+    """requeue adds a fresh pending row for the destination from a failed row; the failed row stays failed."""
+    queue(store, make_record(1), priority=1, path="/spool/1.dcm", size=500, transfer_syntax=IMPLICIT)
+    row = store.claim_batch("remote", 1)[0]
+    assert store.mark_failed(row["id"], "status 0xC000") == ["/spool/1.dcm"]
+    failed = store.failed_row(row["id"])
+    assert failed["status"] == FAILED and failed["last_error"] == "status 0xC000" and failed["attempts"] == 1
+    assert store.failed_row(999) is None
+    before = time.time()
+    store.requeue("remote", {**failed, "path": "/spool/q.dcm", "size": 77})
+    new = rows(store)[1]
+    assert new["id"] != row["id"] and new["destination"] == "remote"
+    assert new["status"] == PENDING and new["attempts"] == 0 and new["failures"] == 0 and new["last_error"] is None
+    assert new["path"] == "/spool/q.dcm" and new["size"] == 77 and new["priority"] == 1
+    assert new["pseudo_sop_instance_uid"] == "2.25.13001" and new["sop_class_uid"] == CT
+    assert new["transfer_syntax"] == IMPLICIT
+    assert before - 1 <= new["due"] <= time.time()
+    assert rows(store)[0]["status"] == FAILED
+    assert [r["id"] for r in store.claim_batch("remote", 10)] == [new["id"]]
+    store.requeue("other", {k: v for k, v in failed.items() if k != "priority"})
+    other = rows(store)[2]
+    assert other["destination"] == "other" and other["priority"] == 0 and other["status"] == PENDING
+    status = store.status()
+    assert status["remote"][FAILED] == 1 and status["remote"][INFLIGHT] == 1 and status["other"][PENDING] == 1
+
+
+def test_note_error_is_destination_wide(store):
+    """note_error records the error for the destination only; queue rows are left untouched."""
     queue(store, make_record(1), destinations=("a", "b"))
+    queue(store, make_record(2), destinations=("a",))
+    store.claim_batch("a", 1)
+    before_rows = rows(store)
+    before = time.time()
     store.note_error("a", "remote unreachable or aborted")
-    got = rows(store)
-    assert got[0]["last_error"] == "remote unreachable or aborted" and got[0]["attempts"] == 1
-    assert got[1]["last_error"] is None and got[1]["attempts"] == 0
-    assert store.status()["a"]["last_error"] == "remote unreachable or aborted"
+    assert rows(store) == before_rows
+    dest = rows(store, "SELECT * FROM destinations WHERE name = 'a'")[0]
+    assert dest["last_error"] == "remote unreachable or aborted" and dest["paused"] == 0
+    assert before <= dest["error_time"] <= time.time()
+    status = store.status()
+    assert status["a"]["last_error"] == "remote unreachable or aborted"
+    assert status["b"]["last_error"] is None
+    store.note_error("c", "association rejected")  # a destination with nothing queued
+    assert store.status()["c"] == {**empty_status(), "last_error": "association rejected"}
+    store.note_error("a", "association rejected")  # the latest error wins
+    assert store.status()["a"]["last_error"] == "association rejected"
+
+
+def test_status_prefers_destination_error_over_row_error(store):
+    """status() reports the destination-wide error in preference to the latest row error."""
+    queue(store, make_record(1))
+    row = store.claim_batch("remote", 1)[0]
+    store.mark_retry(row["id"], "status 0xA700", 0.0, failure=False)
+    assert store.status()["remote"]["last_error"] == "status 0xA700"
+    store.note_error("remote", "remote unreachable or aborted")
+    assert store.status()["remote"]["last_error"] == "remote unreachable or aborted"
 
 
 def test_status_counts_age_and_last_error(store):
-    """status() reports pending/sent/failed counts, oldest pending age and the last error per destination."""
+    """status() reports pending/inflight/sent/failed counts, oldest waiting age, last error and paused."""
     assert store.status() == {}
     for n in range(1, 6):
         queue(store, make_record(n), destinations=("a", "b"))
-    time.sleep(1.1)
+    time.sleep(0.6)
     a = store.claim_batch("a", 10)
     store.mark_sent([a[0]["id"], a[1]["id"]])
     store.mark_failed(a[2]["id"], "status 0xA700")
-    store.mark_retry(a[3]["id"], "status 0xC000", 0.0, failure=True)
+    store.mark_retry(a[3]["id"], "status 0xC000", 0.0, failure=True)  # a[4] stays in flight
     status = store.status()
     assert set(status) == {"a", "b"}
-    assert status["a"][PENDING] == 2 and status["a"][SENT] == 2 and status["a"][FAILED] == 1
+    assert status["a"][PENDING] == 1 and status["a"][INFLIGHT] == 1
+    assert status["a"][SENT] == 2 and status["a"][FAILED] == 1
     assert status["a"]["last_error"] == "status 0xC000"  # the highest id with an error
-    assert 1.0 <= status["a"]["oldest_pending_age_s"] < 30
-    assert status["b"] == {PENDING: 5, SENT: 0, FAILED: 0, "oldest_pending_age_s": status["b"]["oldest_pending_age_s"],
-                           "last_error": None}
-    assert status["b"]["oldest_pending_age_s"] >= 1.0
+    assert status["a"]["paused"] is False
+    assert 0.5 <= status["a"]["oldest_pending_age_s"] < 30
+    assert status["b"] == {PENDING: 5, INFLIGHT: 0, SENT: 0, FAILED: 0,
+                           "oldest_pending_age_s": status["b"]["oldest_pending_age_s"], "last_error": None,
+                           "paused": False}
+    assert status["b"]["oldest_pending_age_s"] >= 0.5
+
+
+def test_status_age_counts_inflight_rows(store):
+    """oldest_pending_age_s covers in-flight rows too: an old row being sent keeps the age up."""
+    queue(store, make_record(1))
+    time.sleep(0.6)
+    queue(store, make_record(2))
+    old = store.claim_batch("remote", 1)[0]
+    assert old["id"] == 1
+    assert store.status()["remote"]["oldest_pending_age_s"] >= 0.5
+    store.mark_sent([old["id"]])
+    assert store.status()["remote"]["oldest_pending_age_s"] < 0.5
 
 
 def test_status_without_pending(store):
-    """A destination with nothing pending reports age None and its counts."""
+    """A destination with nothing pending or in flight reports age None and its counts."""
     queue(store, make_record())
     store.mark_sent([store.claim_batch("remote", 1)[0]["id"]])
-    assert store.status() == {"remote": {PENDING: 0, SENT: 1, FAILED: 0, "oldest_pending_age_s": None,
-                                         "last_error": None}}
+    assert store.status() == {"remote": {PENDING: 0, INFLIGHT: 0, SENT: 1, FAILED: 0, "oldest_pending_age_s": None,
+                                         "last_error": None, "paused": False}}
+
+
+def test_empty_status_shape(store):
+    """empty_status() is the per-destination shape with nothing queued, a fresh dict on every call."""
+    assert empty_status() == {PENDING: 0, INFLIGHT: 0, SENT: 0, FAILED: 0, "oldest_pending_age_s": None,
+                              "last_error": None, "paused": False}
+    one = empty_status()
+    one[PENDING] = 9
+    assert empty_status()[PENDING] == 0
+    store.set_paused("idle", True)
+    assert store.status() == {"idle": {**empty_status(), "paused": True}}
+    assert set(store.status()["idle"]) == set(empty_status())
+
+
+def test_migration_from_v1(tmp_path):
+    """A v1 database (no destinations table, user_version 1) is migrated to v2 on open, its data intact."""
+    path = tmp_path / "telenode.sqlite"
+    old = Store(path)
+    record = make_record()
+    queue(old, record, destinations=("a", "b"), path="/spool/1.dcm")
+    old.mark_sent([old.claim_batch("a", 10)[0]["id"]])
+    old.audit("reidentify", pseudonym=record.pseudo_patient_id, reason="test")
+    old.db.execute("PRAGMA user_version=1")
+    old.db.execute("DROP TABLE destinations")
+    before_queue, before_audit = rows(old), old.audit_records()
+    old.close()
+    raw = sqlite3.connect(path)
+    try:
+        assert raw.execute("PRAGMA user_version").fetchone()[0] == 1
+        assert raw.execute("SELECT COUNT(*) FROM sqlite_master WHERE name = 'destinations'").fetchone()[0] == 0
+    finally:
+        raw.close()
+
+    new = Store(path)
+    try:
+        assert new.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+        assert "destinations" in new.db.table_names()
+        assert set(new.db["destinations"].columns_dict) == {"name", "paused", "last_error", "error_time", "updated"}
+        assert rows(new) == before_queue
+        assert new.audit_records() == before_audit
+        assert new.lookup(record.pseudo_sop_instance_uid)["sop_instance_uid"] == record.sop_instance_uid
+        assert new.status()["b"][PENDING] == 1 and new.status()["a"][SENT] == 1
+        new.set_paused("b", True)
+        new.note_error("b", "association rejected")
+        assert new.status()["b"]["paused"] is True and new.status()["b"]["last_error"] == "association rejected"
+    finally:
+        new.close()
+    again = Store(path)  # a second open does not migrate again or lose the v2 state
+    try:
+        assert again.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        assert again.is_paused("b") is True
+        assert len(rows(again)) == len(before_queue)
+    finally:
+        again.close()
 
 
 # -- audit ----------------------------------------------------------------------------------
