@@ -56,6 +56,26 @@ class Destination:
     retry_multiplier: float = 2.0
     max_retry_delay: float = 300.0
     max_failures: int = 3
+    parallel: int = 1  # workers (associations) sending to this destination at once
+    default: bool = True  # receives instances that no route sends elsewhere
+
+
+#: Route priority names → queue priority (C-STORE HIGH is 1, MEDIUM 0, LOW -1).
+PRIORITIES = {"stat": 1, "high": 1, "routine": 0, "medium": 0, "low": -1}
+
+
+@dataclass(frozen=True)
+class Route:
+    """Sends matching instances to some destinations, maybe ahead of the queue. All given criteria
+    must match (each list: any of its values), on the original data set, before de-identification."""
+
+    name: str
+    destinations: tuple[str, ...] = ()  # empty: the route only sets the priority
+    calling_aets: tuple[str, ...] = ()
+    modalities: tuple[str, ...] = ()
+    sop_classes: tuple[str, ...] = ()
+    match: tuple[tuple[int, str], ...] = ()  # (tag, case-insensitive glob) pairs
+    priority: int | None = None
 
 
 @dataclass(frozen=True)
@@ -96,6 +116,13 @@ class Settings:
     leak_guard: bool = True
     overrides: tuple[tuple[int, str, Any], ...] = ()  # (tag, keep|remove|empty|set, value)
     pixel_rules: tuple[PixelRule, ...] = ()
+    routes: tuple[Route, ...] = ()
+    min_free_mb: int = 64  # below this free space on data_dir the SCP answers 0xA700
+    stop_timeout: float = 30.0  # seconds SIGTERM waits for in-flight C-STOREs and sends
+
+    @property
+    def incoming_dir(self) -> Path:
+        return self.data_dir / "incoming"
 
     @property
     def quarantine_dir(self) -> Path:
@@ -171,6 +198,8 @@ NODE_KEYS: dict[str, tuple[Any, Any, Check | None]] = {
     "max_pdu": (int, 131072, _pdu),
     "log_format": (str, "auto", _one_of("auto", "json", "console")),
     "log_level": (str, "info", _one_of("debug", "info", "warning", "error")),
+    "min_free_mb": (int, 64, lambda v: None if v >= 0 else "must be 0 or more"),
+    "stop_timeout": (NUMBER, 30.0, _positive),
 }
 ANON_KEYS: dict[str, tuple[Any, Any, Check | None]] = {
     "profile_options": (list, [], _options),
@@ -205,6 +234,17 @@ DEST_KEYS: dict[str, tuple[Any, Any, Check | None]] = {
     "retry_multiplier": (NUMBER, 2.0, lambda v: None if v >= 1 else "must be at least 1"),
     "max_retry_delay": (NUMBER, 300.0, _positive),
     "max_failures": (int, 3, _positive),
+    "parallel": (int, 1, lambda v: None if 1 <= v <= 16 else "must be between 1 and 16"),
+    "default": (bool, True, None),
+}
+ROUTE_KEYS: dict[str, tuple[Any, Any, Check | None]] = {
+    "name": (str, "", None),
+    "destinations": (list, [], None),
+    "calling_aets": (list, [], _aets),
+    "modalities": (list, [], None),
+    "sop_classes": (list, [], None),
+    "match": (dict, {}, None),
+    "priority": (str, "", _one_of("", *PRIORITIES)),
 }
 TYPE_NAMES = {str: "a string", int: "an integer", list: "a list", NUMBER: "a number", dict: "a table",
               bool: "true or false"}
@@ -267,7 +307,7 @@ def load(path: str | os.PathLike[str]) -> Settings:
         raise ConfigError(f"{path}: cannot read config file ({exc.strerror})") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML ({exc})") from None
-    known = {"node", "anonymization", "destinations"}
+    known = {"node", "anonymization", "destinations", "routes"}
     for key in raw:
         if key not in known:
             raise ConfigError(f"{path}: {key}: unknown section (known: {', '.join(sorted(known))})")
@@ -275,6 +315,7 @@ def load(path: str | os.PathLike[str]) -> Settings:
     node = _section(path, "node", raw.get("node", {}), NODE_KEYS)
     anon = _section(path, "anonymization", raw.get("anonymization", {}), ANON_KEYS)
     destinations = _destinations(path, raw.get("destinations"))
+    routes = _routes(path, raw.get("routes", []), {d.name for d in destinations})
     key_file = _resolve(base, anon["key_file"])
     _check_key_file(path, key_file)
     return Settings(
@@ -299,7 +340,41 @@ def load(path: str | os.PathLike[str]) -> Settings:
         leak_guard=anon["leak_guard"],
         overrides=_overrides(path, anon["overrides"]),
         pixel_rules=_pixel_rules(path, anon["pixel_rules"]),
+        routes=routes,
+        min_free_mb=node["min_free_mb"],
+        stop_timeout=float(node["stop_timeout"]),
     )
+
+
+def _routes(path: Path, raw: Any, names: set[str]) -> tuple[Route, ...]:
+    if not isinstance(raw, list):
+        raise ConfigError(f"{path}: routes: must be an array of tables ([[routes]])")
+    routes = []
+    for index, item in enumerate(raw):
+        where = f"routes[{index}]"
+        values = _section(path, where, item, ROUTE_KEYS)
+        unknown = [d for d in values["destinations"] if d not in names]
+        if unknown:
+            raise ConfigError(f"{path}: {where}.destinations: no destination named {', '.join(map(repr, unknown))}")
+        match = []
+        for key, pattern in values["match"].items():
+            tag = _tag(key)
+            if tag is None or not isinstance(pattern, str):
+                raise ConfigError(f"{path}: {where}.match.{key}: must be KEYWORD or \"(gggg,eeee)\" = \"glob\"")
+            match.append((tag, pattern))
+        for key in ("modalities", "sop_classes", "destinations"):
+            if not all(isinstance(v, str) for v in values[key]):
+                raise ConfigError(f"{path}: {where}.{key}: must be a list of strings")
+        routes.append(Route(
+            name=values["name"] or f"route{index}",
+            destinations=tuple(values["destinations"]),
+            calling_aets=tuple(values["calling_aets"]),
+            modalities=tuple(m.upper() for m in values["modalities"]),
+            sop_classes=tuple(values["sop_classes"]),
+            match=tuple(match),
+            priority=PRIORITIES[values["priority"]] if values["priority"] else None,
+        ))
+    return tuple(routes)
 
 
 def _tag(text: str) -> int | None:

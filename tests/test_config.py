@@ -79,6 +79,10 @@ def test_design_keys_load_and_relative_paths_resolve_against_config_folder(tmp_p
          "anonymization.pixel_rules[0].rectangles"),
         (('organization = "ORG"', 'organization = "ORG"\npixel_rules = [{ rectangles = [[0, 0, 0, 5]] }]'),
          "anonymization.pixel_rules[0].rectangles"),
+        (('data_dir = "var"', 'data_dir = "var"\nmin_free_mb = -1'), "node.min_free_mb"),
+        (('data_dir = "var"', 'data_dir = "var"\nstop_timeout = 0'), "node.stop_timeout"),
+        (("port = 11113", "port = 11113\nparallel = 64"), "destinations[0].parallel"),
+        (("port = 11113", 'port = 11113\ndefault = "yes"'), "destinations[0].default"),
     ],
 )
 def test_mistakes_name_file_and_key(tmp_path, change, key):
