@@ -1,17 +1,27 @@
-"""Forwarding: one C-STORE SCU worker per destination, store-and-forward from the spool.
+"""Forwarding: C-STORE SCU workers per destination, store-and-forward from the spool.
 
-Each worker takes a batch of due queue rows (highest priority first), opens
-one association proposing only the (SOP class, transfer syntax) pairs the
-batch needs (at most 128 presentation contexts, the protocol's limit), and
-sends each spooled file streamed from disk. The association stays open while
-work keeps coming (instances trickling in as a modality sends them reuse it;
-a batch needing other contexts opens a new one) and is released after LINGER
-seconds idle. A spool file is deleted
-only after every destination has it. The remote being down, refusing the
-association or aborting is transient: the batch waits with exponential
-backoff and jitter and is retried, forever. A failure status for one
-instance counts against that instance alone; after `max_failures` it is
-marked failed with the remote's status, and the instances behind it go on.
+Each worker (`parallel` per destination) claims a batch of due queue rows —
+highest priority first, marked in flight so that workers never share a row —
+opens one association proposing only the (SOP class, transfer syntax) pairs
+the batch needs, plus an uncompressed fallback for compressed ones (at most
+128 presentation contexts, the protocol's limit), and sends each spooled file
+streamed from disk. An instance is decompressed only when the remote accepted
+its SOP class but not its transfer syntax. The association stays open while
+work keeps coming and is released after LINGER seconds idle.
+
+Faults, as dcm4chee-arc's retry model has them: the remote down, refusing or
+aborting the association or timing out is transient for the whole
+destination: the rows go back to the queue and the worker waits with
+exponential backoff and jitter, forever. 0xA7xx (out of resources) is
+transient for that instance: it is retried with backoff, forever, without
+counting, and the others go on. Any other failure status for one instance
+counts against that instance alone; after
+`max_failures` it is failed with the remote's status, copied to the
+quarantine, and the instances behind it go on. A SOP class the remote
+accepts in no syntax the node can produce fails at once. Every few instances
+a worker checks for higher-priority (STAT) work and yields to it. A paused
+destination keeps queueing and sends nothing. A spool file is deleted only
+after every destination has it (or gave up on it).
 """
 
 from __future__ import annotations
@@ -24,12 +34,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pydicom
 from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, UID
 from pynetdicom import AE, _config, evt
 
 from node import log
 from node.config import Destination
-from node.spool import Spool
+from node.spool import Quarantine, Spool
 from node.store import Store
 
 # Send from the spooled file in PDU-sized chunks instead of decoding it into memory.
@@ -40,6 +52,8 @@ _config.STORE_SEND_CHUNKED_DATASET = True
 LINGER = 2.0
 
 NO_CONTEXT = "no accepted presentation context for this SOP class and transfer syntax"
+UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+PREEMPT_EVERY = 8  # instances between checks for higher-priority work
 MAX_CONTEXTS = 128  # PS3.8: presentation context IDs are odd numbers 1..255
 
 #: Statuses that mean the remote stored the instance (PS3.4 B.2-1: success and warnings).
@@ -84,17 +98,19 @@ def _bound_send_queue(assoc: Any, timeout: float) -> None:
 
 
 class Forwarder:
-    """The worker thread for one destination."""
+    """One worker thread for one destination (a destination with `parallel = N` has N of them)."""
 
-    def __init__(self, destination: Destination, store: Store, spool: Spool, ae_title: str) -> None:
+    def __init__(self, destination: Destination, store: Store, spool: Spool, ae_title: str,
+                 quarantine: Quarantine | None = None, worker: int = 0) -> None:
         self.destination = destination
         self.store = store
         self.spool = spool
+        self.quarantine = quarantine
         self.ae_title = ae_title
-        self.log = log.get("forward").bind(destination=destination.name)
+        self.log = log.get("forward").bind(destination=destination.name, worker=worker)
         self._wake = threading.Event()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"forward-{destination.name}", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=f"forward-{destination.name}-{worker}", daemon=True)
         self._backoff = 0  # consecutive transient failures
         self._assoc: Any = None  # kept open while instances keep coming (see LINGER)
         self._proposed: set[tuple[str, str]] = set()
@@ -107,9 +123,15 @@ class Forwarder:
         self._wake.set()
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Finish the instance in flight, then stop (the rest stays queued for the next start)."""
+        """Finish the instance in flight, then stop (the rest goes back to the queue for the next start)."""
+        self.request_stop()
+        self.join(timeout)
+
+    def request_stop(self) -> None:
         self._stop.set()
         self._wake.set()
+
+    def join(self, timeout: float) -> None:
         self._thread.join(timeout)
 
     # -- loop -----------------------------------------------------------------------------------
@@ -131,14 +153,21 @@ class Forwarder:
             self._assoc, self._proposed = None, set()
 
     def _step(self) -> None:
+        if self.store.is_paused(self.destination.name):
+            self._close()
+            self._wake.wait(1.0)
+            self._wake.clear()
+            return
         batch = self.store.claim_batch(self.destination.name, self.destination.batch_size)
         if not batch:
             self._idle()
-        elif self._send(batch):
+            return
+        wait = self._send(batch)
+        if wait is None:
             self._backoff = 0
         else:
-            self._close()
-            self._stop.wait(self._delay())
+            self._close_quietly()
+            self._stop.wait(wait)
 
     def _idle(self) -> None:
         """Wait for work; an association left open is released after LINGER seconds without any."""
@@ -160,22 +189,27 @@ class Forwarder:
 
     # -- the association ------------------------------------------------------------------------
 
-    def _contexts(self, batch: list[dict[str, Any]]) -> tuple[list[tuple[str, str]], list[dict[str, Any]]]:
-        """The distinct contexts of the batch (≤ 128) and the rows they cover."""
+    def _plan(self, batch: list[dict[str, Any]]) -> tuple[list[tuple[str, str]], list[dict[str, Any]]]:
+        """The contexts the batch needs (its own syntaxes, plus the uncompressed ones as fallbacks per
+        SOP class, each its own context so the remote's choice never forces a conversion), at most
+        128, and the rows they cover."""
         contexts: list[tuple[str, str]] = []
-        rows = []
+        rows, later = [], []
         for row in batch:
-            pair = (row["sop_class_uid"], row["transfer_syntax"])
-            if pair not in contexts:
-                if len(contexts) == MAX_CONTEXTS:
-                    continue  # the rest go in the next batch
-                contexts.append(pair)
+            needed = [(row["sop_class_uid"], row["transfer_syntax"])]
+            needed += [(row["sop_class_uid"], syntax) for syntax in UNCOMPRESSED if syntax != row["transfer_syntax"]]
+            new = [pair for pair in needed if pair not in contexts]
+            if len(contexts) + len(new) > MAX_CONTEXTS:
+                later.append(row)
+                continue
+            contexts += new
             rows.append(row)
+        self.store.release([r["id"] for r in later])  # next batch
         return contexts, rows
 
     def _open(self, contexts: list[tuple[str, str]]) -> Any:
         """An association proposing exactly `contexts`; the open one is reused if it proposed them all."""
-        if self._assoc is not None and self._assoc.is_established and set(contexts) <= self._proposed:
+        if self._reusable(contexts):
             return self._assoc
         self._close()
         d = self.destination
@@ -193,91 +227,163 @@ class Forwarder:
             _bound_send_queue(assoc, d.network_timeout)
         return assoc
 
+    def _reusable(self, contexts: list[tuple[str, str]]) -> bool:
+        return self._assoc is not None and self._assoc.is_established and set(contexts) <= self._proposed
+
     def _close(self) -> None:
         if self._assoc is not None:
             if self._assoc.is_established:
                 self._assoc.release()
             self._assoc, self._proposed = None, set()
 
-    def _send(self, batch: list[dict[str, Any]]) -> bool:
-        """Send one batch over one (possibly reused) association; False if the remote could not be reached."""
-        contexts, rows = self._contexts(batch)
-        reused = self._assoc is not None and self._assoc.is_established and set(contexts) <= self._proposed
+    def _send(self, batch: list[dict[str, Any]]) -> float | None:
+        """Send one batch over one (possibly reused) association. Returns None when the worker may go
+        on at once, or the seconds to wait (the remote is unreachable or out of resources)."""
+        contexts, rows = self._plan(batch)
+        reused = self._reusable(contexts)
         assoc = self._open(contexts)
         if not assoc.is_established and assoc.rejected_contexts and not assoc.accepted_contexts:
-            # The remote is up but accepts none of these SOP class / transfer syntax pairs:
-            # a refusal of these instances, counted against each, not an outage.
+            # The remote is up but accepts none of these SOP class / transfer syntax pairs.
             for row in rows:
-                self._refused(row, NO_CONTEXT)
-            return True
+                self._fail(row, NO_CONTEXT)
+            return None
         if not assoc.is_established:
             reason = "association rejected" if assoc.is_rejected else "remote unreachable or aborted"
-            self.log.warning("destination_unavailable", reason=reason, pending=len(batch))
-            self.store.note_error(self.destination.name, reason)
-            return False
+            return self._postpone(rows, reason)
         sent: list[int] = []
-        reachable = True
+        wait: float | None = None
         try:
-            for row in rows:
-                if self._stop.is_set():
+            for index, row in enumerate(rows):
+                if self._stop.is_set() or self._preempted(index, row):
+                    self.store.release([r["id"] for r in rows[index:]])
                     break
                 outcome = self._store_one(assoc, row)
                 if outcome == "sent":
                     sent.append(row["id"])
                 elif outcome == "transient":
-                    reachable = False
+                    if reused and not sent:
+                        # The remote dropped an association we kept open (idle timeout): reconnect now.
+                        self.store.release([r["id"] for r in rows[index:]])
+                        self._close_quietly()
+                        return None
+                    wait = self._postpone(rows[index:], "association lost while sending")
                     break
         finally:
             for path in self.store.mark_sent(sent):
                 self.spool.remove(path)
         if sent:
             self.log.info("batch_sent", instances=len(sent), contexts=len(contexts), reused=reused)
-        if not reachable and reused and not sent:
-            # The remote dropped an association we kept open (idle timeout): reconnect now, no backoff.
-            self._close()
+        return wait
+
+    def _postpone(self, rows: list[dict[str, Any]], reason: str) -> float:
+        """A transient, destination-wide problem: back to the queue, wait with backoff, count nothing."""
+        wait = self._delay()
+        self.store.release([r["id"] for r in rows], wait)
+        self.store.note_error(self.destination.name, reason)
+        self.log.warning("destination_unavailable", reason=reason, pending=len(rows), retry_in_s=round(wait, 1))
+        return wait
+
+    def _preempted(self, index: int, row: dict[str, Any]) -> bool:
+        """Every few instances: is STAT work waiting behind this (lower-priority) batch?"""
+        if index == 0 or index % PREEMPT_EVERY:
+            return False
+        if self.store.higher_priority_waiting(self.destination.name, row["priority"]):
+            self.log.info("batch_preempted", reason="higher-priority instances waiting")
             return True
-        return reachable
+        return False
+
+    # -- one instance ---------------------------------------------------------------------------
 
     def _store_one(self, assoc: Any, row: dict[str, Any]) -> str:
-        """C-STORE one spooled file: 'sent', 'refused' (counted against it) or 'transient'."""
+        """C-STORE one spooled file: 'sent', 'refused' (this instance rescheduled or failed) or 'transient'."""
         path = Path(row["path"])
+        uid = row["pseudo_sop_instance_uid"]
         if not path.exists():  # cannot happen unless someone deleted the spool: say so, don't spin
-            self.store.mark_failed(row["id"], "spool file missing")
-            self.log.error("instance_failed", sop_instance_uid=row["pseudo_sop_instance_uid"], reason="spool file missing")
+            self._fail(row, "spool file missing")
+            return "refused"
+        priority = 2 if row["priority"] < 0 else min(row["priority"], 1)
+        syntax = _accepted_syntax(assoc, row["sop_class_uid"], row["transfer_syntax"])
+        if syntax is None:
+            self._fail(row, f"remote accepts this SOP class in neither {row['transfer_syntax']} nor uncompressed")
             return "refused"
         try:
-            status = assoc.send_c_store(path, priority=2 if row["priority"] < 0 else min(row["priority"], 1))
-        except ValueError:  # the remote accepted no context for this SOP class / transfer syntax
-            return self._refused(row, NO_CONTEXT)
+            if syntax == row["transfer_syntax"]:
+                status = assoc.send_c_store(path, priority=priority)
+            else:
+                dataset = _uncompressed(path)
+                self.log.info("transcoded", sop_instance_uid=uid, from_syntax=row["transfer_syntax"], to_syntax=syntax)
+                status = assoc.send_c_store(dataset, priority=priority)
         except (OSError, RuntimeError) as exc:
-            self.log.warning("send_interrupted", sop_instance_uid=row["pseudo_sop_instance_uid"], error=type(exc).__name__)
+            self.log.warning("send_interrupted", sop_instance_uid=uid, error=type(exc).__name__)
             return "transient"
-        except Exception as exc:  # the spooled file itself is unreadable (corrupt, no file meta)
-            self.store.mark_failed(row["id"], f"spool file unreadable ({type(exc).__name__})")
-            self.log.error("instance_failed", sop_instance_uid=row["pseudo_sop_instance_uid"],
-                           reason=f"spool file unreadable ({type(exc).__name__})")
+        except Exception as exc:  # the spooled file is unreadable, or cannot be decompressed
+            self._fail(row, f"cannot read or decompress the spooled instance ({type(exc).__name__})")
             return "refused"
         if not isinstance(status, Dataset) or "Status" not in status:
-            self.log.warning("send_interrupted", sop_instance_uid=row["pseudo_sop_instance_uid"],
-                             error="no response (timeout or abort)")
+            self.log.warning("send_interrupted", sop_instance_uid=uid, error="no response (timeout or abort)")
             return "transient"
         code = int(status.Status)
         if code in STORED:
-            self.log.info("instance_sent", sop_instance_uid=row["pseudo_sop_instance_uid"],
-                          status=f"0x{code:04X}", bytes=row["size"])
+            self.log.info("instance_sent", sop_instance_uid=uid, status=f"0x{code:04X}", bytes=row["size"])
             return "sent"
         comment = str(status.get("ErrorComment", "") or "").strip()
-        return self._refused(row, f"status 0x{code:04X}" + (f": {comment}" if comment else ""))
+        reason = f"status 0x{code:04X}" + (f": {comment}" if comment else "")
+        if code >> 8 == 0xA7:  # out of resources: try this one again later, forever, without counting it
+            delay = self._retry_delay(row["attempts"])
+            self.store.mark_retry(row["id"], reason, delay, failure=False)
+            self.store.note_error(self.destination.name, reason)
+            self.log.warning("remote_out_of_resources", sop_instance_uid=uid, status=f"0x{code:04X}",
+                             retry_in_s=round(delay, 1))
+            return "refused"
+        return self._refused(row, reason)
+
+    def _retry_delay(self, tries: int) -> float:
+        d = self.destination
+        return min(d.retry_delay * d.retry_multiplier ** tries, d.max_retry_delay) * random.uniform(0.8, 1.2)
 
     def _refused(self, row: dict[str, Any], reason: str) -> str:
         d = self.destination
         if row["failures"] + 1 >= d.max_failures:
-            self.store.mark_failed(row["id"], reason)
-            self.log.error("instance_failed", sop_instance_uid=row["pseudo_sop_instance_uid"], reason=reason,
-                           failures=row["failures"] + 1)
+            self._fail(row, reason)
         else:
-            delay = min(d.retry_delay * d.retry_multiplier ** row["failures"], d.max_retry_delay)
-            self.store.mark_retry(row["id"], reason, delay, failure=True)
+            self.store.mark_retry(row["id"], reason, self._retry_delay(row["failures"]), failure=True)
             self.log.warning("instance_refused_by_remote", sop_instance_uid=row["pseudo_sop_instance_uid"],
                              reason=reason, failures=row["failures"] + 1)
         return "refused"
+
+    def _fail(self, row: dict[str, Any], reason: str) -> None:
+        """Permanent: the row is failed, the anonymized file copied to the quarantine with the reason."""
+        quarantine_id = None
+        if self.quarantine is not None and Path(row["path"]).exists():
+            quarantine_id = self.quarantine.put(row["path"], {
+                "kind": "send_failed", "reason": reason, "destination": self.destination.name,
+                "sop_instance_uid": row["pseudo_sop_instance_uid"], "sop_class_uid": row["sop_class_uid"],
+                "transfer_syntax": row["transfer_syntax"], "priority": row["priority"], "queue_id": row["id"],
+            })
+        for path in self.store.mark_failed(row["id"], reason):
+            self.spool.remove(path)
+        self.store.audit("send_failed", destination=self.destination.name, reason=reason,
+                         sop_instance_uid=row["pseudo_sop_instance_uid"], quarantine_id=quarantine_id)
+        self.log.error("instance_failed", sop_instance_uid=row["pseudo_sop_instance_uid"], reason=reason,
+                       quarantine_id=quarantine_id)
+
+
+def _accepted_syntax(assoc: Any, sop_class: str, syntax: str) -> str | None:
+    """The syntax to send in: the instance's own if accepted, else an accepted uncompressed one."""
+    accepted = {str(cx.transfer_syntax[0]) for cx in assoc.accepted_contexts if cx.abstract_syntax == sop_class}
+    if syntax in accepted:
+        return syntax
+    if UID(syntax).is_little_endian or UID(syntax).is_compressed:  # big endian native is not converted
+        for candidate in UNCOMPRESSED:
+            if candidate in accepted:
+                return candidate
+    return None
+
+
+def _uncompressed(path: Path) -> Dataset:
+    """The spooled instance decoded to native pixels (pydicom + pylibjpeg); pynetdicom re-encodes it
+    for whichever uncompressed context was accepted. Only for remotes that need it."""
+    ds = pydicom.dcmread(path)
+    if ds.file_meta.TransferSyntaxUID.is_compressed:
+        ds.decompress()
+    return ds

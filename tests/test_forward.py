@@ -224,7 +224,30 @@ def test_dimse_priority_follows_queue_priority(harness):
 # -- refusals -----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("code, comment", [(0xA700, "Out of resources"), (0xC000, "")])
+def test_out_of_resources_is_retried_forever_without_counting_and_blocks_nothing(harness):
+    """0xA7xx for one instance: retried with backoff, never counted or failed; the others are sent once."""
+    q = harness.queue()
+    bad = q.add(priority=1)
+    good = [q.add() for _ in range(6)]
+
+    def respond(uid: str, seen: int):
+        if uid != bad:
+            return 0x0000
+        answer = Dataset()
+        answer.Status = 0xA700
+        answer.ErrorComment = "Out of resources"
+        return answer
+
+    remote = harness.remote(respond=respond).start()
+    harness.forwarder(q, remote.port, max_failures=2, batch_size=3)
+    assert wait_for(lambda: q.count(SENT) == 6 and remote.times(bad) >= 4, 30), q.store.status()
+    assert all(remote.times(uid) == 1 for uid in good)
+    row = q.row(bad)
+    assert row["status"] in (PENDING, "inflight") and row["failures"] == 0 and row["attempts"] >= 3
+    assert q.store.status()["remote"]["last_error"] == "status 0xA700: Out of resources"
+
+
+@pytest.mark.parametrize("code, comment", [(0xA900, "Data set does not match SOP class"), (0xC000, "")])
 def test_refused_instance_fails_alone(harness, code, comment):
     """One instance the remote refuses ends failed with its status after max_failures; the others are sent."""
     q = harness.queue()
@@ -253,8 +276,8 @@ def test_refused_instance_fails_alone(harness, code, comment):
     expected = f"status 0x{code:04X}" + (f": {comment}" if comment else "")
     assert row["last_error"] == expected
     status = q.store.status()["remote"]
-    assert status == {PENDING: 0, SENT: 6, FAILED: 1, "oldest_pending_age_s": None, "last_error": expected}
-    assert q.spooled(bad)  # kept for inspection: it never reached the remote
+    assert status == {PENDING: 0, "inflight": 0, SENT: 6, FAILED: 1, "oldest_pending_age_s": None,
+                      "last_error": expected, "paused": False}
     assert not any(q.spooled(uid) for uid in good)
 
 
@@ -263,7 +286,7 @@ def test_refusal_then_success_is_sent(harness):
     q = harness.queue()
     flaky = q.add()
     others = [q.add() for _ in range(3)]
-    remote = harness.remote(respond=lambda uid, seen: 0xA700 if uid == flaky and seen < 2 else 0x0000).start()
+    remote = harness.remote(respond=lambda uid, seen: 0xC000 if uid == flaky and seen < 2 else 0x0000).start()
     harness.forwarder(q, remote.port, max_failures=3)
     assert wait_for(lambda: q.count(SENT) == 4), q.store.status()
     assert remote.times(flaky) == 3 and remote.uids().count(flaky) == 1
@@ -366,8 +389,8 @@ def test_remote_down_then_up_delivers_exactly_once(harness):
     time.sleep(1.0)  # several retries while down
     status = q.store.status()["remote"]
     assert status[PENDING] == 10 and status[SENT] == 0 and status[FAILED] == 0
-    assert all(q.row(uid)["failures"] == 0 for uid in uids)
-    assert q.row(uids[0])["attempts"] >= 2
+    assert all(q.row(uid)["failures"] == 0 for uid in uids)  # an outage counts against no instance
+    assert q.row(uids[0])["due"] > q.row(uids[0])["created"] + 0.1  # but pushes the next try back
     assert all(q.spooled(uid) for uid in uids)
 
     remote = harness.remote(port=port).start()
@@ -433,7 +456,8 @@ def test_priority_instance_goes_first_when_remote_returns(harness):
     assert wait_for(lambda: q.store.status()["remote"]["last_error"] == DOWN, 15)
     high = q.add(priority=1)
     forwarder.wake()
-    assert wait_for(lambda: q.row(high)["attempts"] >= 1, 15), "the forwarder never tried with the high one queued"
+    # A failed try puts the row back with a later due time: then the forwarder has seen the high one.
+    assert wait_for(lambda: q.row(high)["due"] > q.row(high)["created"], 15), "never tried with the high one"
 
     remote = harness.remote(port=port).start()
     assert wait_for(lambda: q.count(SENT) == 32, 60), q.store.status()
