@@ -13,10 +13,11 @@ import json
 import os
 import signal
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 from node import __version__, config, log
 from node.deid import Deidentifier, Pseudonymizer, load_or_create_key
@@ -24,8 +25,9 @@ from node.deid.guard import Guard
 from node.deid.pseudonyms import KeyFileError
 from node.forward import Forwarder
 from node.pipeline import Held, Pipeline, Rejected, Safeguards
+from node.routing import Router
 from node.spool import Quarantine, Spool
-from node.store import Store
+from node.store import Store, empty_status
 
 EXIT_CONFIG = 2
 
@@ -87,13 +89,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     log.configure(settings.log_format, settings.log_level)
     logger = log.get("node")
     deidentifier = _deidentifier(settings)
+    _private_tempdir(settings.incoming_dir)
     store = _store(settings)
+    recovered = store.recover()
     spool = Spool(settings.spool_dir)
     spool.cleanup_tmp()
-    forwarders = [Forwarder(d, store, spool, settings.ae_title) for d in settings.destinations]
+    quarantine = Quarantine(settings.quarantine_dir)
+    forwarders = [Forwarder(d, store, spool, settings.ae_title, quarantine, worker)
+                  for d in settings.destinations for worker in range(d.parallel)]
     pipeline = Pipeline(deidentifier, store, spool, [d.name for d in settings.destinations],
                         on_queued=lambda: [f.wake() for f in forwarders],
-                        safeguards=_safeguards(settings), quarantine=Quarantine(settings.quarantine_dir))
+                        safeguards=_safeguards(settings), quarantine=quarantine,
+                        router=Router(settings.routes, settings.destinations))
     from node import scp  # imported here: it switches pynetdicom to chunked, unrestricted storage
 
     try:
@@ -104,12 +111,31 @@ def cmd_serve(args: argparse.Namespace) -> int:
     for forwarder in forwarders:
         forwarder.start()
     store.audit("node_started", ae_title=settings.ae_title, port=settings.port, version=__version__)
-    logger.info("node_started", version=__version__, destinations=[d.name for d in settings.destinations])
+    logger.info("node_started", version=__version__, destinations=[d.name for d in settings.destinations],
+                requeued_in_flight=recovered)
     while not stop.wait(1.0):
         pass
-    logger.info("node_stopping")
-    server.shutdown()  # no new associations; those in flight finish their C-STOREs
-    deadline = time.monotonic() + 30
+    _stop_gracefully(server, forwarders, time.monotonic() + settings.stop_timeout)
+    store.audit("node_stopped")
+    store.close()
+    logger.info("node_stopped")
+    return 0
+
+
+def _private_tempdir(folder: Path) -> None:
+    """Received data sets land in data_dir/incoming (0700), not /tmp: originals stay with the node's
+    data, on the file system whose free space the node watches, and out of other users' reach."""
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(folder, 0o700)
+    for leftover in folder.glob("*.dcm"):  # a killed node's half-received data sets, never acknowledged
+        leftover.unlink(missing_ok=True)
+    tempfile.tempdir = str(folder)
+
+
+def _stop_gracefully(server: Any, forwarders: Sequence[Forwarder], deadline: float) -> None:
+    """No new associations; in-flight C-STOREs finish; each forwarder finishes its instance; by the deadline."""
+    log.get("node").info("node_stopping")
+    server.shutdown()
     # Only associations that are established have C-STOREs in flight; a bare TCP connection
     # (a load balancer's health check) would otherwise hold the stop until its ACSE timeout.
     while any(a.is_established for a in server.ae.active_associations) and time.monotonic() < deadline:
@@ -117,11 +143,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     for assoc in server.ae.active_associations:  # idle connections, or past the deadline: don't hold the exit
         assoc.abort()
     for forwarder in forwarders:
-        forwarder.stop()
-    store.audit("node_stopped")
-    store.close()
-    logger.info("node_stopped")
-    return 0
+        forwarder.request_stop()
+    for forwarder in forwarders:
+        forwarder.join(max(0.1, deadline - time.monotonic()))
 
 
 def _inputs(paths: Sequence[str]) -> Iterator[tuple[Path, Path]]:
@@ -200,20 +224,113 @@ def cmd_status(args: argparse.Namespace) -> int:
     for entry in held:
         by_kind[entry.get("kind", "other")] = by_kind.get(entry.get("kind", "other"), 0) + 1
     for destination in settings.destinations:
-        queues.setdefault(destination.name, {"pending": 0, "sent": 0, "failed": 0,
-                                             "oldest_pending_age_s": None, "last_error": None})
+        queues.setdefault(destination.name, empty_status())
     if args.json:
         print(json.dumps({"destinations": queues, "quarantine": quarantined, "quarantine_by_kind": by_kind},
                          indent=2, sort_keys=True))
         return 0
-    print(f"{'destination':<20} {'pending':>8} {'sent':>8} {'failed':>8} {'oldest':>9}  last error")
+    print(f"{'destination':<20} {'state':<7} {'pending':>8} {'sending':>8} {'sent':>8} {'failed':>8} "
+          f"{'oldest':>9}  last error")
     for name, row in sorted(queues.items()):
         age = row.get("oldest_pending_age_s")
-        print(f"{name:<20} {row['pending']:>8} {row['sent']:>8} {row['failed']:>8} "
+        state = "paused" if row.get("paused") else "active"
+        print(f"{name:<20} {state:<7} {row['pending']:>8} {row['inflight']:>8} {row['sent']:>8} {row['failed']:>8} "
               f"{'-' if age is None else f'{age:.0f}s':>9}  {row.get('last_error') or ''}")
     kinds = ", ".join(f"{kind} {count}" for kind, count in sorted(by_kind.items()))
     print(f"quarantine: {quarantined} instance(s) in {settings.quarantine_dir}" + (f" ({kinds})" if kinds else ""))
     return 0
+
+
+def _destination_name(settings: config.Settings, name: str) -> str:
+    if name not in {d.name for d in settings.destinations}:
+        known = ", ".join(d.name for d in settings.destinations)
+        raise Fatal(f"telenode: no destination named {name!r} (configured: {known})", 1)
+    return name
+
+
+def cmd_pause(args: argparse.Namespace) -> int:
+    """Pause or resume one destination's queue; the running node follows within a second."""
+    settings = _settings(args)
+    name = _destination_name(settings, args.destination)
+    paused = args.command == "pause"
+    store = _store(settings)
+    try:
+        store.set_paused(name, paused)
+        store.audit("destination_paused" if paused else "destination_resumed", destination=name, operator=_operator(args))
+    finally:
+        store.close()
+    print(f"{name}: {'paused' if paused else 'resumed'}")
+    return 0
+
+
+def _operator(args: argparse.Namespace) -> str:
+    return getattr(args, "operator", None) or os.environ.get("TELENODE_OPERATOR") or getpass.getuser()
+
+
+def cmd_quarantine_list(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    entries = Quarantine(settings.quarantine_dir).entries() if settings.quarantine_dir.exists() else []
+    if args.json:
+        print(json.dumps(entries, indent=2, sort_keys=True))
+        return 0
+    print(f"{'id':<26} {'time':<21} {'kind':<12} {'destination':<14} reason")
+    for entry in entries:
+        print(f"{entry['id']:<26} {entry.get('time', ''):<21} {entry.get('kind', ''):<12} "
+              f"{entry.get('destination', '') or '-':<14} {entry.get('reason', '')}")
+    print(f"{len(entries)} instance(s) in quarantine")
+    return 0
+
+
+def cmd_quarantine_retry(args: argparse.Namespace) -> int:
+    """Release held instances: failed sends are queued again; held originals go through the pipeline again
+    (with today's configuration: a new pixel rule, another burned-in policy) and stay held if still refused."""
+    settings = _settings(args)
+    log.configure(settings.log_format, settings.log_level)
+    quarantine = Quarantine(settings.quarantine_dir)
+    ids = [e["id"] for e in quarantine.entries()] if args.all else args.ids
+    if not ids:
+        raise Fatal("telenode: quarantine retry needs IDs or --all", 1)
+    store = _store(settings)
+    spool = Spool(settings.spool_dir)
+    pipeline = Pipeline(_deidentifier(settings), store, spool, [d.name for d in settings.destinations],
+                        safeguards=_safeguards(settings), router=Router(settings.routes, settings.destinations))
+    released = held = 0
+    try:
+        for qid in ids:
+            entry = quarantine.get(qid)
+            if entry is None:
+                print(f"{qid}: not in quarantine", file=sys.stderr)
+                held += 1
+                continue
+            ok, why = _release(entry, quarantine, store, spool, pipeline, settings)
+            store.audit("quarantine_retry", quarantine_id=qid, kind=entry.get("kind"), released=ok,
+                        operator=_operator(args))
+            if ok:
+                quarantine.remove(qid)
+                released += 1
+            else:
+                held += 1
+            print(f"{qid}: {'released' if ok else 'still held: ' + why}")
+    finally:
+        store.close()
+    print(json.dumps({"released": released, "held": held}))
+    return 0 if held == 0 else 1
+
+
+def _release(entry: dict, quarantine: Quarantine, store: Store, spool: Spool, pipeline: Pipeline,
+             settings: config.Settings) -> tuple[bool, str]:
+    source = quarantine.file(entry["id"])
+    if entry.get("kind") == "send_failed":
+        destination = entry.get("destination", "")
+        if destination not in {d.name for d in settings.destinations}:
+            return False, f"destination {destination!r} is no longer configured"
+        target = spool.path_for(entry["sop_instance_uid"])
+        size = spool.write(target, lambda handle: handle.write(source.read_bytes()))
+        store.requeue(destination, {**entry, "path": str(target), "size": size,
+                                    "pseudo_sop_instance_uid": entry["sop_instance_uid"]})
+        return True, ""
+    outcome = pipeline.receive(source, calling_aet=entry.get("calling_aet", ""))
+    return outcome.ok, outcome.comment
 
 
 def parser() -> argparse.ArgumentParser:
@@ -239,6 +356,24 @@ def parser() -> argparse.ArgumentParser:
     stat = command("status", "queue per destination: pending, sent, failed")
     stat.add_argument("--json", action="store_true", help="machine-readable output")
     stat.set_defaults(func=cmd_status)
+    for name, text in (("pause", "stop sending to a destination (instances are still accepted and queued)"),
+                       ("resume", "send to a paused destination again")):
+        sub = command(name, text)
+        sub.add_argument("destination", metavar="NAME")
+        sub.add_argument("--operator", help="who (default: $TELENODE_OPERATOR or the OS user)")
+        sub.set_defaults(func=cmd_pause)
+    quarantine = commands.add_parser("quarantine", help="instances held back: list them, retry them")
+    actions = quarantine.add_subparsers(dest="action", required=True)
+    listing = actions.add_parser("list", help="what is held and why")
+    listing.add_argument("--config", "-c", metavar="FILE")
+    listing.add_argument("--json", action="store_true")
+    listing.set_defaults(func=cmd_quarantine_list)
+    retry = actions.add_parser("retry", help="queue failed sends again; re-run held originals through the pipeline")
+    retry.add_argument("--config", "-c", metavar="FILE")
+    retry.add_argument("ids", nargs="*", metavar="ID")
+    retry.add_argument("--all", action="store_true", help="every entry")
+    retry.add_argument("--operator", help="who (default: $TELENODE_OPERATOR or the OS user)")
+    retry.set_defaults(func=cmd_quarantine_retry)
     return top
 
 

@@ -29,6 +29,7 @@ from node.deid import DeidError, Deidentifier
 from node.deid.guard import Guard
 from node.deid.pixels import CLEAN_PIXEL_DATA, blank, burned_in_reason, matching_rule
 from node.deid.record import DeidRecord
+from node.routing import Decision, Router
 from node.spool import Quarantine, Spool, atomic_write
 from node.store import Store
 
@@ -219,6 +220,7 @@ class Pipeline:
         *,
         safeguards: Safeguards = Safeguards(),
         quarantine: Quarantine | None = None,
+        router: Router | None = None,
     ) -> None:
         self.deidentifier = deidentifier
         self.store = store
@@ -227,6 +229,7 @@ class Pipeline:
         self.on_queued = on_queued
         self.safeguards = safeguards
         self.quarantine = quarantine
+        self.router = router
         self.log = log.get("pipeline")
 
     def receive(self, source: str | os.PathLike[str], *, calling_aet: str, priority: int = 0) -> Outcome:
@@ -234,7 +237,7 @@ class Pipeline:
         assert self.spool is not None, "receiving needs a spool"
         started = time.perf_counter()
         try:
-            ds, record = self._prepare(source, calling_aet)
+            ds, record, decision = self._prepare(source, calling_aet, QUEUE_PRIORITY.get(priority, 0))
             size, target = self._spool(ds, record)
             self.store.record_instance(
                 record,
@@ -242,8 +245,8 @@ class Pipeline:
                 path=str(target),
                 size=size,
                 transfer_syntax=str(ds.file_meta.TransferSyntaxUID),
-                destinations=self.destinations,
-                priority=QUEUE_PRIORITY.get(priority, 0),
+                destinations=decision.destinations,
+                priority=decision.priority,
             )
         except Rejected as exc:
             self.log.warning("instance_refused", calling_aet=calling_aet, status=f"0x{exc.status:04X}",
@@ -269,6 +272,9 @@ class Pipeline:
             study_instance_uid=record.pseudo_study_instance_uid,
             patient_id=record.pseudo_patient_id,
             sop_class=getattr(ds.SOPClassUID, "keyword", "") or str(ds.SOPClassUID),
+            destinations=list(decision.destinations),
+            priority=decision.priority,
+            routes=list(decision.routes),
             bytes=size,
             ms=round((time.perf_counter() - started) * 1000, 1),
         )
@@ -276,23 +282,33 @@ class Pipeline:
 
     def anonymize(self, source: Path, target: Path) -> DeidRecord:
         """De-identify one file offline into `target` and record its mappings; raise Rejected or Held."""
-        ds, record = self._prepare(source, "")
+        ds, record, _ = self._prepare(source, "", 0)
         target.parent.mkdir(parents=True, exist_ok=True)
         encode(lambda write: atomic_write(target, write), ds)
         self.store.record_mapping(record, source="anonymize")
         return record
 
-    def _prepare(self, source: str | os.PathLike[str], calling_aet: str) -> tuple[FileDataset, DeidRecord]:
-        """Parse, apply the burned-in policy, de-identify, and let the leak guard look at the result."""
+    def _prepare(self, source: str | os.PathLike[str], calling_aet: str,
+                 priority: int) -> tuple[FileDataset, DeidRecord, Decision]:
+        """Parse, route, apply the burned-in policy, de-identify, and let the leak guard look at the result."""
         ds = read(source)
+        if self.router is not None:
+            decision = self.router.decide(ds, calling_aet, priority)  # on the original, before de-identification
+        else:
+            decision = Decision(self.destinations, priority)
         extra_codes = self._pixels(ds, source, calling_aet)
-        record = deidentify(self.deidentifier, ds, extra_codes)
+        try:
+            record = deidentify(self.deidentifier, ds, extra_codes)
+        except Rejected as exc:  # a valid data set the profile cannot be sure of: keep it for review
+            self._hold(source, calling_aet, "deid_failed", exc.comment, exc.status)
+            raise
+        
         guard = self.safeguards.guard
         leak = guard.check(ds, record) if guard is not None else None
         if leak is not None:
             self._hold(source, calling_aet, "leak_guard", str(leak), CANNOT_DEIDENTIFY,
                        sop_instance_uid=record.pseudo_sop_instance_uid)
-        return ds, record
+        return ds, record, decision
 
     def _pixels(self, ds: FileDataset, source: str | os.PathLike[str], calling_aet: str) -> list[dict[str, str]]:
         """Burned-in text: blank it with a matching pixel rule, or apply the policy. Returns extra method codes."""

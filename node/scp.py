@@ -10,7 +10,9 @@ pynetdicom — to the pipeline, answering with the pipeline's status.
 
 from __future__ import annotations
 
+import shutil
 import socket
+from pathlib import Path
 from typing import Any
 
 from pydicom.dataset import Dataset
@@ -36,7 +38,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from node import log
 from node.config import Settings
-from node.pipeline import CANNOT_UNDERSTAND, Pipeline
+from node.pipeline import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, Pipeline
 
 # Received data sets go straight to a temporary file instead of memory (large instances),
 # and storage classes pynetdicom does not know (private, newer than 3.0.4) are accepted too.
@@ -129,11 +131,15 @@ def _status(code: int, comment: str = "") -> Dataset:
     return status
 
 
-def make_store_handler(pipeline: Pipeline) -> Any:
+def make_store_handler(pipeline: Pipeline, data_dir: Path | None = None, min_free_bytes: int = 0) -> Any:
     """The EVT_C_STORE handler: the response leaves only after it returns, so durability is decided here."""
 
     def on_store(event: Any) -> Dataset:
         calling_aet = event.assoc.requestor.ae_title
+        if data_dir is not None and min_free_bytes and shutil.disk_usage(data_dir).free < min_free_bytes:
+            _log.error("instance_refused", calling_aet=calling_aet, status="0xA700",
+                       reason="free space below node.min_free_mb")
+            return _status(OUT_OF_RESOURCES, "out of resources: disk space low")
         if event.context.transfer_syntax not in TRANSFER_SYNTAXES:
             _log.warning("instance_refused", calling_aet=calling_aet, status="0xC210",
                          reason=f"unsupported transfer syntax {event.context.transfer_syntax}")
@@ -167,7 +173,7 @@ def start(settings: Settings, pipeline: Pipeline) -> ThreadedAssociationServer:
         (evt.EVT_REJECTED, _on_rejected),
         (evt.EVT_RELEASED, _on_released),
         (evt.EVT_ABORTED, _on_aborted),
-        (evt.EVT_C_STORE, make_store_handler(pipeline)),
+        (evt.EVT_C_STORE, make_store_handler(pipeline, settings.data_dir, settings.min_free_mb * 1024 * 1024)),
     ]
     server = ae.start_server((settings.host, settings.port), block=False, evt_handlers=handlers)
     _log.info("listening", ae_title=settings.ae_title, host=settings.host, port=settings.port,

@@ -113,3 +113,18 @@ class Quarantine:
 
     def count(self) -> int:
         return sum(1 for _ in self.root.glob("*.json"))
+
+    def get(self, qid: str) -> dict | None:
+        """One entry's reason record, or None (IDs are file names: nothing outside the folder is read)."""
+        if not qid or "/" in qid or qid.startswith("."):
+            return None
+        path = self.root / f"{qid}.json"
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def file(self, qid: str) -> Path:
+        return self.root / f"{qid}.dcm"
+
+    def remove(self, qid: str) -> None:
+        """Forget an entry once it was released (the instance went on its way)."""
+        self.file(qid).unlink(missing_ok=True)
+        (self.root / f"{qid}.json").unlink(missing_ok=True)
