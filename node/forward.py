@@ -385,5 +385,5 @@ def _uncompressed(path: Path) -> Dataset:
     for whichever uncompressed context was accepted. Only for remotes that need it."""
     ds = pydicom.dcmread(path)
     if ds.file_meta.TransferSyntaxUID.is_compressed:
-        ds.decompress()
+        ds.decompress(generate_instance_uid=False)  # pydicom would otherwise mint a new SOP Instance UID
     return ds

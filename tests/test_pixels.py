@@ -31,7 +31,7 @@ from pydicom.uid import (
 
 from node.config import PixelRule
 from node.deid import Deidentifier, Pseudonymizer
-from node.deid.pixels import burned_in_reason
+from node.deid.pixels import blank, burned_in_reason
 from node.pipeline import CANNOT_DEIDENTIFY, SUCCESS, Pipeline, Safeguards
 from node.spool import Quarantine, Spool
 from node.store import Store
@@ -467,3 +467,11 @@ def test_overlay_embedded_in_pixel_bits_is_suspect_even_when_flag_says_no():
     assert "embedded" in burned_in_reason(ds)
     ds.add_new(0x60003000, "OW", b"\x00" * 8)
     assert burned_in_reason(ds) is None
+
+
+def test_blanking_a_compressed_image_keeps_its_sop_instance_uid():
+    """pydicom's decompress() mints a new SOP Instance UID unless told not to: the original must stay."""
+    ds = pydicom.dcmread(get_testdata_file("SC_rgb_rle.dcm"))
+    original = ds.SOPInstanceUID
+    blank(ds, ((0, 0, 4, 4),))
+    assert ds.SOPInstanceUID == original

@@ -111,7 +111,7 @@ def blank(ds: FileDataset, rectangles: Sequence[tuple[int, int, int, int]]) -> N
     """
     syntax = ds.file_meta.TransferSyntaxUID
     if syntax.is_compressed:
-        ds.decompress()  # native, photometric interpretation updated (e.g. YBR → RGB)
+        ds.decompress(generate_instance_uid=False)  # native; photometric interpretation updated (YBR → RGB)
         syntax = ds.file_meta.TransferSyntaxUID
     pixels: Any = ds.pixel_array.copy()  # YBR comes back as RGB
     frames = int(ds.get("NumberOfFrames", 1) or 1)
