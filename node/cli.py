@@ -135,6 +135,8 @@ def _private_tempdir(folder: Path) -> None:
 def _stop_gracefully(server: Any, forwarders: Sequence[Forwarder], deadline: float) -> None:
     """No new associations; in-flight C-STOREs finish; each forwarder finishes its instance; by the deadline."""
     log.get("node").info("node_stopping")
+    for forwarder in forwarders:  # they finish their instance while the C-STOREs in flight finish
+        forwarder.request_stop()
     server.shutdown()
     # Only associations that are established have C-STOREs in flight; a bare TCP connection
     # (a load balancer's health check) would otherwise hold the stop until its ACSE timeout.
@@ -142,8 +144,6 @@ def _stop_gracefully(server: Any, forwarders: Sequence[Forwarder], deadline: flo
         time.sleep(0.1)
     for assoc in server.ae.active_associations:  # idle connections, or past the deadline: don't hold the exit
         assoc.abort()
-    for forwarder in forwarders:
-        forwarder.request_stop()
     for forwarder in forwarders:
         forwarder.join(max(0.1, deadline - time.monotonic()))
 

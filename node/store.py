@@ -27,6 +27,7 @@ from node.deid.record import DeidRecord
 SCHEMA_VERSION = 2
 
 PENDING, INFLIGHT, SENT, FAILED = "pending", "inflight", "sent", "failed"
+REQUEUED = "requeued"  # a failed row released from the quarantine: replaced by a new pending row
 
 
 def _now() -> float:
@@ -307,9 +308,13 @@ class Store:
             return dict(zip([d[0] for d in cursor.description], row)) if row else None
 
     def requeue(self, destination: str, record: dict[str, Any]) -> None:
-        """Queue a file again for one destination (quarantine retry), as a new pending row."""
+        """Queue a file again for one destination (quarantine retry), as a new pending row; the failed
+        row it replaces (record["queue_id"]) becomes 'requeued', so status no longer counts it failed."""
         now = _now()
         with self._lock, self._tx():
+            if record.get("queue_id"):
+                self.db.execute("UPDATE queue SET status = ?, updated = ? WHERE id = ? AND status = ?",
+                                [REQUEUED, now, record["queue_id"], FAILED])
             self.db["queue"].insert({
                 "destination": destination, "pseudo_sop_instance_uid": record["pseudo_sop_instance_uid"],
                 "sop_class_uid": record["sop_class_uid"], "transfer_syntax": record["transfer_syntax"],
@@ -350,7 +355,8 @@ class Store:
 
         with self._lock:
             for destination, state, count, oldest in self.db.execute(
-                "SELECT destination, status, COUNT(*), MIN(created) FROM queue GROUP BY destination, status"
+                "SELECT destination, status, COUNT(*), MIN(created) FROM queue WHERE status != ? "
+                "GROUP BY destination, status", [REQUEUED]
             ).fetchall():
                 row = entry(destination)
                 row[state] = count
@@ -359,7 +365,7 @@ class Store:
                     row["oldest_pending_age_s"] = max(row["oldest_pending_age_s"] or 0, age)
             for destination, error in self.db.execute(
                 "SELECT destination, last_error FROM queue WHERE id IN (SELECT MAX(id) FROM queue "
-                "WHERE last_error IS NOT NULL AND status != ? GROUP BY destination)", [SENT]
+                "WHERE last_error IS NOT NULL AND status NOT IN (?, ?) GROUP BY destination)", [SENT, REQUEUED]
             ).fetchall():
                 entry(destination)["last_error"] = error
             for name, paused, error in self.db.execute("SELECT name, paused, last_error FROM destinations").fetchall():
