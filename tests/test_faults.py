@@ -684,3 +684,51 @@ def test_quarantine_retry_after_the_remote_is_fixed_delivers_the_failed_instance
     assert row["failed"] == 0 and row["last_error"] is None, row  # the released failure is no longer news
     assert json.loads(node.cli("status", "--json", check=True).stdout)["quarantine"] == 0
     assert node.stop() == 0
+
+
+# -- de-identification refusals, parallel workers, a killed node's leftovers -------------------------
+
+
+def test_instance_that_cannot_be_deidentified_is_refused_c220_and_its_original_quarantined(tmp_path, make_node,
+                                                                                           peers):
+    """No Series Instance UID: the profile cannot be sure of it; 0xC220, original held as deid_failed, nothing sent."""
+    remote = peers.pynetdicom().start()
+    node = make_node([("TELERAD", remote.port)]).start()
+    ds, _ = fresh("CT_small.dcm")
+    del ds.SeriesInstanceUID
+    assert c_store(node.port, [ds]) == [0xC220]
+    [entry] = quarantined(node)
+    assert entry["kind"] == "deid_failed"
+    held = pydicom.dcmread(node.folder / "var" / "quarantine" / f"{entry['id']}.dcm")
+    assert held.SOPInstanceUID == ds.SOPInstanceUID  # the original, kept inside the hospital
+    assert echo(node.port).returncode == 0 and remote.uids() == []
+    assert node.stop() == 0
+
+
+def test_parallel_workers_share_a_backlog_and_send_each_instance_once(tmp_path, make_node, peers):
+    """parallel = 2: both workers send batches of a backlog; every instance arrives exactly once."""
+    port = free_port()
+    node = make_node([("TELERAD", port)])
+    destination_keys(node, 0, "parallel = 2\nbatch_size = 4")
+    node.start()
+    study = make_study(tmp_path / "study", instances=24, series=1)
+    assert storescu(node.port, study.files).returncode == 0
+    remote = peers.pynetdicom(port=port, respond=lambda ds, seen: (time.sleep(0.02), 0x0000)[1]).start()
+    assert wait_for(lambda: len(remote.uids()) == 24, 60), status(node)
+    time.sleep(0.5)
+    assert sorted(remote.uids()) == sorted(set(remote.uids()))
+    assert {e["worker"] for e in events(node, "batch_sent")} == {0, 1}
+    assert node.stop() == 0
+
+
+def test_half_received_data_sets_of_a_killed_node_are_removed_at_start(tmp_path, make_node):
+    """data_dir/incoming holds data sets being received (never acknowledged): a restart clears what a kill left."""
+    node = make_node([("TELERAD", free_port())])
+    incoming = node.folder / "var" / "incoming"
+    incoming.mkdir(parents=True)
+    leftover = incoming / "tmpkilled.dcm"
+    leftover.write_bytes(b"half a data set")
+    node.start()
+    assert not leftover.exists()
+    assert oct(incoming.stat().st_mode & 0o777) == "0o700"
+    assert node.stop() == 0
