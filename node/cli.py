@@ -26,7 +26,7 @@ from node.deid.pseudonyms import KeyFileError
 from node.forward import Forwarder
 from node.pipeline import Held, Pipeline, Rejected, Safeguards
 from node.routing import Router
-from node.spool import Quarantine, Spool
+from node.spool import Quarantine, Spool, copier
 from node.store import Store, empty_status
 
 EXIT_CONFIG = 2
@@ -325,7 +325,7 @@ def _release(entry: dict, quarantine: Quarantine, store: Store, spool: Spool, pi
         if destination not in {d.name for d in settings.destinations}:
             return False, f"destination {destination!r} is no longer configured"
         target = spool.path_for(entry["sop_instance_uid"])
-        size = spool.write(target, lambda handle: handle.write(source.read_bytes()))
+        size = spool.write(target, copier(source))
         store.requeue(destination, {**entry, "path": str(target), "size": size,
                                     "pseudo_sop_instance_uid": entry["sop_instance_uid"]})
         return True, ""

@@ -31,7 +31,6 @@ PROFILE_OPTIONS: tuple[str, ...] = (
     "clean_pixel_data",  # PS3.15 E.3.1 (113101): blank configured rectangles; not a Table E.1-1 column
 )
 BURNED_IN_POLICIES = ("reject", "quarantine", "pass")
-OVERRIDE_ACTIONS = ("keep", "remove", "empty", "set")
 
 
 class ConfigError(Exception):

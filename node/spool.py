@@ -54,6 +54,16 @@ def atomic_write(target: Path, write: Writer, tmp_dir: Path | None = None) -> in
     return size
 
 
+def copier(source: str | os.PathLike[str]) -> Writer:
+    """A writer that copies `source` in 1 MiB chunks (never the whole file in memory)."""
+
+    def copy(handle: BinaryIO) -> None:
+        with open(source, "rb") as original:
+            shutil.copyfileobj(original, handle, 1 << 20)
+
+    return copy
+
+
 class Spool:
     """Anonymized instances on disk under one root folder."""
 
@@ -97,12 +107,7 @@ class Quarantine:
     def put(self, source: str | os.PathLike[str], reason: dict) -> str:
         """Durably keep a copy of `source` with its reason; returns the quarantine ID."""
         qid = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + secrets.token_hex(4)
-
-        def copy(handle: BinaryIO) -> None:
-            with open(source, "rb") as original:
-                shutil.copyfileobj(original, handle, 1 << 20)
-
-        atomic_write(self.root / f"{qid}.dcm", copy)
+        atomic_write(self.root / f"{qid}.dcm", copier(source))
         record = {"id": qid, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **reason}
         atomic_write(self.root / f"{qid}.json", lambda h: h.write(json.dumps(record, sort_keys=True).encode()))
         return qid

@@ -49,7 +49,6 @@ TABLE: dict[str, Any] = json.loads(resources.files("node.deid").joinpath("ps315.
 #: Table E.1-1 option columns, plus Clean Pixel Data (E.3.1), which acts on pixels (node/deid/pixels.py).
 TABLE_OPTIONS: tuple[str, ...] = tuple(TABLE["options"])
 SUPPORTED_OPTIONS: tuple[str, ...] = TABLE_OPTIONS + ("clean_pixel_data",)
-CLEAN_PIXEL_DATA = {"code": "113101", "meaning": "Clean Pixel Data Option"}
 
 #: When claimed options give a row different actions, the most retaining one wins.
 OPTION_PRECEDENCE = ("K", "C", "U", "D", "Z/D", "X/Z/U*", "Z", "X/D", "X/Z/D", "X/Z", "X")
@@ -536,8 +535,3 @@ def _date_forms(date: str) -> list[str]:
     except ValueError:
         return [date]
     return [date] + [day.strftime(f) for f in ("%Y-%m-%d", "%d.%m.%Y", "%m/%d/%Y", "%d/%m/%Y", "%Y/%m/%d")]
-
-
-def method_codes(options: Sequence[str]) -> list[str]:
-    """CID 7050 codes for the Basic Profile and the given options, in table order."""
-    return [TABLE["basic_profile"]["code"]] + [TABLE["options"][o]["code"] for o in SUPPORTED_OPTIONS if o in options]
