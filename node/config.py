@@ -31,10 +31,31 @@ PROFILE_OPTIONS: tuple[str, ...] = (
     "clean_pixel_data",  # PS3.15 E.3.1 (113101): blank configured rectangles; not a Table E.1-1 column
 )
 BURNED_IN_POLICIES = ("reject", "quarantine", "pass")
+TLS_VERSIONS = ("1.2", "1.3")
 
 
 class ConfigError(Exception):
     """A configuration problem; the message names the file and the key."""
+
+
+@dataclass(frozen=True)
+class TLS:
+    """DICOM TLS (PS3.15 Annex B secure transport) of the listener or of one destination.
+
+    On the listener: `certificate` + `private_key` are the node's own, `ca_certificates` signs
+    the clients it accepts. On a destination: `ca_certificates` verifies the remote (system store
+    when omitted), `certificate` + `private_key` are the client certificate it may ask for.
+    """
+
+    certificate: Path | None = None
+    private_key: Path | None = None
+    ca_certificates: Path | None = None
+    min_version: str = "1.2"
+    require_client_cert: bool = True  # listener: refuse clients without a certificate ca_certificates signed
+    verify_hostname: bool = True  # destination: the remote's certificate must name host (or server_name)
+    server_name: str = ""  # destination: the name to verify instead of host
+    port: int = 0  # listener: the TLS port; equal to node.port makes the node TLS-only
+    handshake_timeout: float = 10.0  # listener: seconds a client has to finish the handshake
 
 
 @dataclass(frozen=True)
@@ -57,6 +78,7 @@ class Destination:
     max_failures: int = 3
     parallel: int = 1  # workers (associations) sending to this destination at once
     default: bool = True  # receives instances that no route sends elsewhere
+    tls: TLS | None = None  # None: plain TCP
 
 
 #: Route priority names → queue priority (C-STORE HIGH is 1, MEDIUM 0, LOW -1).
@@ -118,6 +140,17 @@ class Settings:
     routes: tuple[Route, ...] = ()
     min_free_mb: int = 64  # below this free space on data_dir the SCP answers 0xA700
     stop_timeout: float = 30.0  # seconds SIGTERM waits for in-flight C-STOREs and sends
+    workers: int = 1  # SCP worker processes sharing the port (SO_REUSEPORT); "auto" = one per core
+    tls: TLS | None = None  # the TLS listener ([node.tls]); None: plain only
+    mapping_key_file: Path | None = None  # encrypts originals in the mapping store; None: beside key_file
+    operators: tuple[str, ...] = ()  # who may re-identify; empty: anyone who can read the config and keys
+    audit_file: Path | None = None  # audit records also appended here as JSON lines (for a SIEM)
+    audit_syslog: str = ""  # audit records also sent to syslog: "/dev/log", "host:port" (UDP)
+    warnings: tuple[str, ...] = ()  # valid but risky settings, logged at start
+
+    @property
+    def mapping_key(self) -> Path:
+        return self.mapping_key_file or self.key_file.with_name("mapping.key")
 
     @property
     def incoming_dir(self) -> Path:
@@ -177,6 +210,12 @@ def _options(values: list) -> str | None:
     return None
 
 
+def _workers(value: str | int) -> str | None:
+    if value == "auto" or (isinstance(value, int) and 1 <= value <= 64):
+        return None
+    return 'must be "auto" (one per core) or an integer between 1 and 64'
+
+
 def _organization(value: str) -> str | None:
     if not value or len(value) > 40 or not all(c.isalnum() or c in "-_" for c in value) or not value.isascii():
         return "must be 1 to 40 ASCII letters, digits, '-' or '_' (it prefixes pseudonymous PatientIDs)"
@@ -199,6 +238,8 @@ NODE_KEYS: dict[str, tuple[Any, Any, Check | None]] = {
     "log_level": (str, "info", _one_of("debug", "info", "warning", "error")),
     "min_free_mb": (int, 64, lambda v: None if v >= 0 else "must be 0 or more"),
     "stop_timeout": (NUMBER, 30.0, _positive),
+    "workers": ((str, int), "auto", _workers),
+    "tls": (dict, {}, None),
 }
 ANON_KEYS: dict[str, tuple[Any, Any, Check | None]] = {
     "profile_options": (list, [], _options),
@@ -235,6 +276,31 @@ DEST_KEYS: dict[str, tuple[Any, Any, Check | None]] = {
     "max_failures": (int, 3, _positive),
     "parallel": (int, 1, lambda v: None if 1 <= v <= 16 else "must be between 1 and 16"),
     "default": (bool, True, None),
+    "tls": (dict, {}, None),
+}
+LISTENER_TLS_KEYS: dict[str, tuple[Any, Any, Check | None]] = {
+    "port": (int, REQUIRED, _port),
+    "certificate": (str, REQUIRED, None),
+    "private_key": (str, REQUIRED, None),
+    "ca_certificates": (str, "", None),
+    "require_client_cert": (bool, True, None),
+    "min_version": (str, "1.2", _one_of(*TLS_VERSIONS)),
+    "handshake_timeout": (NUMBER, 10.0, _positive),
+}
+DEST_TLS_KEYS: dict[str, tuple[Any, Any, Check | None]] = {
+    "ca_certificates": (str, "", None),
+    "certificate": (str, "", None),
+    "private_key": (str, "", None),
+    "verify_hostname": (bool, True, None),
+    "server_name": (str, "", None),
+    "min_version": (str, "1.2", _one_of(*TLS_VERSIONS)),
+}
+SECURITY_KEYS: dict[str, tuple[Any, Any, Check | None]] = {
+    "mapping_key_file": (str, "", None),
+    "operators": (list, [], lambda v: None if all(isinstance(o, str) and o.strip() for o in v)
+                  else "must be a list of operator names"),
+    "audit_file": (str, "", None),
+    "audit_syslog": (str, "", None),
 }
 ROUTE_KEYS: dict[str, tuple[Any, Any, Check | None]] = {
     "name": (str, "", None),
@@ -246,7 +312,7 @@ ROUTE_KEYS: dict[str, tuple[Any, Any, Check | None]] = {
     "priority": (str, "", _one_of("", *PRIORITIES)),
 }
 TYPE_NAMES = {str: "a string", int: "an integer", list: "a list", NUMBER: "a number", dict: "a table",
-              bool: "true or false"}
+              bool: "true or false", (str, int): '"auto" or an integer'}
 
 
 def _section(path: Path, name: str, raw: Any, spec: dict) -> dict[str, Any]:
@@ -306,14 +372,15 @@ def load(path: str | os.PathLike[str]) -> Settings:
         raise ConfigError(f"{path}: cannot read config file ({exc.strerror})") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML ({exc})") from None
-    known = {"node", "anonymization", "destinations", "routes"}
+    known = {"node", "anonymization", "destinations", "routes", "security"}
     for key in raw:
         if key not in known:
             raise ConfigError(f"{path}: {key}: unknown section (known: {', '.join(sorted(known))})")
     base = path.resolve().parent
     node = _section(path, "node", raw.get("node", {}), NODE_KEYS)
     anon = _section(path, "anonymization", raw.get("anonymization", {}), ANON_KEYS)
-    destinations = _destinations(path, raw.get("destinations"))
+    security = _section(path, "security", raw.get("security", {}), SECURITY_KEYS)
+    destinations = _destinations(path, raw.get("destinations"), base)
     routes = _routes(path, raw.get("routes", []), {d.name for d in destinations})
     key_file = _resolve(base, anon["key_file"])
     _check_key_file(path, key_file)
@@ -342,6 +409,61 @@ def load(path: str | os.PathLike[str]) -> Settings:
         routes=routes,
         min_free_mb=node["min_free_mb"],
         stop_timeout=float(node["stop_timeout"]),
+        workers=(os.cpu_count() or 1) if node["workers"] == "auto" else node["workers"],
+        tls=_listener_tls(path, node["tls"], base, node["port"]),
+        mapping_key_file=_resolve(base, security["mapping_key_file"]) if security["mapping_key_file"] else None,
+        operators=tuple(o.strip() for o in security["operators"]),
+        audit_file=_resolve(base, security["audit_file"]) if security["audit_file"] else None,
+        audit_syslog=security["audit_syslog"],
+        warnings=_warnings(destinations),
+    )
+
+
+def _tls_file(path: Path, where: str, base: Path, value: str) -> Path | None:
+    """A certificate or key path: resolved, and it must be a readable file."""
+    if not value:
+        return None
+    resolved = _resolve(base, value)
+    if not resolved.is_file() or not os.access(resolved, os.R_OK):
+        raise ConfigError(f"{path}: {where}: {resolved} is not a readable file")
+    return resolved
+
+
+def _listener_tls(path: Path, raw: dict, base: Path, plain_port: int) -> TLS | None:
+    """[node.tls]: a TLS listener beside (or, on node.port, instead of) the plain one."""
+    if not raw:
+        return None
+    values = _section(path, "node.tls", raw, LISTENER_TLS_KEYS)
+    files = {key: _tls_file(path, f"node.tls.{key}", base, values[key])
+             for key in ("certificate", "private_key", "ca_certificates")}
+    if values["require_client_cert"] and files["ca_certificates"] is None:
+        raise ConfigError(f"{path}: node.tls.ca_certificates: required when require_client_cert = true "
+                          "(the CA that signs the clients' certificates)")
+    return TLS(**files, min_version=values["min_version"], require_client_cert=values["require_client_cert"],
+               port=values["port"], handshake_timeout=float(values["handshake_timeout"]))
+
+
+def _destination_tls(path: Path, where: str, raw: dict, base: Path) -> TLS | None:
+    """[destinations.tls]: present (even empty) means the destination is reached over TLS."""
+    if "tls" not in raw:
+        return None
+    values = _section(path, f"{where}.tls", raw["tls"], DEST_TLS_KEYS)
+    files = {key: _tls_file(path, f"{where}.tls.{key}", base, values[key])
+             for key in ("certificate", "private_key", "ca_certificates")}
+    if (files["certificate"] is None) != (files["private_key"] is None):
+        raise ConfigError(f"{path}: {where}.tls: certificate and private_key go together")
+    return TLS(**files, min_version=values["min_version"], verify_hostname=values["verify_hostname"],
+               server_name=values["server_name"])
+
+
+LOOPBACK = ("127.", "::1", "localhost")
+
+
+def _warnings(destinations: tuple[Destination, ...]) -> tuple[str, ...]:
+    return tuple(
+        f"destinations.{d.name}: TLS is off for {d.host}, which is not loopback: the anonymized data "
+        "crosses the network in the clear (add a [destinations.tls] table)"
+        for d in destinations if d.tls is None and not d.host.startswith(LOOPBACK)
     )
 
 
@@ -422,7 +544,7 @@ def _pixel_rules(path: Path, raw: list) -> tuple[PixelRule, ...]:
     return tuple(rules)
 
 
-def _destinations(path: Path, raw: Any) -> tuple[Destination, ...]:
+def _destinations(path: Path, raw: Any, base: Path) -> tuple[Destination, ...]:
     if raw is None or raw == []:
         raise ConfigError(f"{path}: destinations: at least one [[destinations]] table is required")
     if not isinstance(raw, list):
@@ -430,6 +552,7 @@ def _destinations(path: Path, raw: Any) -> tuple[Destination, ...]:
     result = []
     for index, item in enumerate(raw):
         values = _section(path, f"destinations[{index}]", item, DEST_KEYS)
+        values["tls"] = _destination_tls(path, f"destinations[{index}]", item, base)
         for key in ("connect_timeout", "acse_timeout", "dimse_timeout", "network_timeout",
                     "retry_delay", "retry_multiplier", "max_retry_delay"):
             values[key] = float(values[key])

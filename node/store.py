@@ -12,13 +12,14 @@ tables; the queue and the audit trail hold pseudonyms only.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sqlite3
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import sqlite_utils
 
@@ -106,6 +107,12 @@ class Store:
 
     def _tx(self) -> Any:
         return _Transaction(self.db.conn)
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        """One transaction (one commit, one fsync) around several calls: group commit."""
+        with self._lock, self._tx():
+            yield
 
     def close(self) -> None:
         with self._lock:
