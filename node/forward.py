@@ -29,6 +29,7 @@ from __future__ import annotations
 import queue
 import random
 import socket
+import ssl
 import threading
 import time
 from pathlib import Path
@@ -39,7 +40,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, UID
 from pynetdicom import AE, _config, evt
 
-from node import log
+from node import log, tls
 from node.config import Destination
 from node.spool import Quarantine, Spool
 from node.store import Store
@@ -114,6 +115,13 @@ class Forwarder:
         self._backoff = 0  # consecutive transient failures
         self._assoc: Any = None  # kept open while instances keep coming (see LINGER)
         self._proposed: set[tuple[str, str]] = set()
+        self._tls: ssl.SSLContext | None = None
+        self._tls_error = ""  # the client context could not be built (unreadable certificate or key)
+        if destination.tls is not None:
+            try:
+                self._tls = tls.client_context(destination.tls)
+            except (ssl.SSLError, OSError) as exc:
+                self._tls_error = f"{tls.describe(exc)} (loading the destination's TLS files)"
 
     def start(self) -> None:
         self._thread.start()
@@ -221,7 +229,9 @@ class Forwarder:
         ae.maximum_pdu_size = d.max_pdu
         for sop_class, syntax in contexts:
             ae.add_requested_context(sop_class, syntax)
-        assoc = ae.associate(d.host, d.port, ae_title=d.ae_title, evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay)])
+        tls_args = (self._tls, tls.server_hostname(d.tls, d.host)) if self._tls is not None and d.tls else None
+        assoc = ae.associate(d.host, d.port, ae_title=d.ae_title, evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay)],
+                             tls_args=tls_args)
         if assoc.is_established:
             self._assoc, self._proposed = assoc, set(contexts)
             _bound_send_queue(assoc, d.network_timeout)
@@ -240,6 +250,8 @@ class Forwarder:
         """Send one batch over one (possibly reused) association. Returns None when the worker may go
         on at once, or the seconds to wait (the remote is unreachable or out of resources)."""
         contexts, rows = self._plan(batch)
+        if self._tls_error:
+            return self._postpone(rows, self._tls_error)
         reused = self._reusable(contexts)
         assoc = self._open(contexts)
         if not assoc.is_established and assoc.rejected_contexts and not assoc.accepted_contexts:
@@ -248,9 +260,9 @@ class Forwarder:
                 self._fail(row, NO_CONTEXT)
             return None
         if not assoc.is_established:
-            reason = "association rejected" if assoc.is_rejected else "remote unreachable or aborted"
-            return self._postpone(rows, reason)
+            return self._postpone(rows, self._not_established(assoc))
         sent: list[int] = []
+        uids: list[str] = []
         wait: float | None = None
         try:
             for index, row in enumerate(rows):
@@ -260,6 +272,7 @@ class Forwarder:
                 outcome = self._store_one(assoc, row)
                 if outcome == "sent":
                     sent.append(row["id"])
+                    uids.append(row["pseudo_sop_instance_uid"])
                 elif outcome == "transient":
                     if reused and not sent:
                         # The remote dropped an association we kept open (idle timeout): reconnect now.
@@ -272,8 +285,20 @@ class Forwarder:
             for path in self.store.mark_sent(sent):
                 self.spool.remove(path)
         if sent:
+            self.store.audit("forwarded", destination=self.destination.name, count=len(sent),
+                             sop_instance_uids=uids, tls=self._tls is not None)
             self.log.info("batch_sent", instances=len(sent), contexts=len(contexts), reused=reused)
         return wait
+
+    def _not_established(self, assoc: Any) -> str:
+        """Why the association did not come up; a TLS failure names the certificate problem."""
+        if assoc.is_rejected:
+            return "association rejected"
+        failure = getattr(self._tls, "last_failure", None)
+        if failure:
+            self.log.warning("tls_failed", host=self.destination.host, port=self.destination.port, reason=failure)
+            return failure
+        return "remote unreachable or aborted"
 
     def _postpone(self, rows: list[dict[str, Any]], reason: str) -> float:
         """A transient, destination-wide problem: back to the queue, wait with backoff, count nothing."""

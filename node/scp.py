@@ -6,14 +6,25 @@ calling AE titles that are not allowed at association time (A-ASSOCIATE-RJ,
 not accept-then-fail), sets TCP_NODELAY on every accepted socket, and hands
 each received data set — already on disk, never decoded in memory by
 pynetdicom — to the pipeline, answering with the pipeline's status.
+
+With [node.tls] a DICOM TLS listener (PS3.15 Annex B) runs beside the plain
+one (or alone, on node.port): the handshake runs in the connection's own
+thread under handshake_timeout, so a client that connects and stalls never
+holds up the accept loop. Every listening socket is bound with SO_REUSEPORT
+so that worker processes share the ports. Each association attempt leaves
+one audit record (accepted, rejected, or refused at the TLS handshake).
 """
 
 from __future__ import annotations
 
+import errno
 import shutil
 import socket
+import ssl
+import threading
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from pydicom.dataset import Dataset
 from pydicom.uid import (
@@ -35,10 +46,12 @@ from pydicom.uid import (
 from pynetdicom import AE, _config, acse, evt
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
+from pynetdicom.utils import make_target
 
-from node import log
-from node.config import Settings
+from node import log, tls
+from node.config import TLS, Settings
 from node.pipeline import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, Pipeline
+from node.store import Store
 
 # Received data sets go straight to a temporary file instead of memory (large instances),
 # and storage classes pynetdicom does not know (private, newer than 3.0.4) are accepted too.
@@ -100,6 +113,15 @@ def _peer(event: Any) -> dict[str, Any]:
     return {"calling_aet": info.ae_title, "peer": f"{info.address}:{info.port}"}
 
 
+def _is_tls(event: Any) -> bool:
+    return isinstance(getattr(event.assoc.dul.socket, "socket", None), ssl.SSLSocket)
+
+
+def _called_aet(event: Any) -> str:
+    primitive = event.assoc.requestor.primitive
+    return str(getattr(primitive, "called_ae_title", "") or "").strip()
+
+
 def _on_conn_open(event: Any) -> None:
     # Nagle + delayed ACK adds ~40 ms to every C-STORE round trip; pynetdicom never disables it.
     sock = event.assoc.dul.socket.socket
@@ -107,12 +129,23 @@ def _on_conn_open(event: Any) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-def _on_accepted(event: Any) -> None:
-    _log.info("association_accepted", **_peer(event), contexts=len(event.assoc.accepted_contexts))
+def _on_accepted(event: Any, store: Store) -> None:
+    peer, secure = _peer(event), _is_tls(event)
+    store.audit("association", **peer, called_aet=_called_aet(event), tls=secure, accepted=True, reason="")
+    _log.info("association_accepted", **peer, tls=secure, contexts=len(event.assoc.accepted_contexts))
 
 
-def _on_rejected(event: Any) -> None:
-    _log.warning("association_rejected", **_peer(event), reason="calling AE title not allowed or too many associations")
+def _rejection(event: Any) -> str:
+    allowed = [aet.strip() for aet in event.assoc.ae.require_calling_aet]
+    if allowed and event.assoc.requestor.ae_title.strip() not in allowed:
+        return "calling AE title not allowed"
+    return "too many associations"
+
+
+def _on_rejected(event: Any, store: Store) -> None:
+    peer, secure, reason = _peer(event), _is_tls(event), _rejection(event)
+    store.audit("association", **peer, called_aet=_called_aet(event), tls=secure, accepted=False, reason=reason)
+    _log.warning("association_rejected", **peer, tls=secure, reason=reason)
 
 
 def _on_released(event: Any) -> None:
@@ -164,18 +197,131 @@ def build_ae(settings: Settings) -> AE:
     return ae
 
 
-def start(settings: Settings, pipeline: Pipeline) -> ThreadedAssociationServer:
-    """Start listening on [node] host:port in background threads; returns the server."""
+class _Server(ThreadedAssociationServer):
+    """pynetdicom's threaded server, its socket bound with SO_REUSEPORT: worker processes share the port."""
+
+    def server_bind(self) -> None:
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
+
+class _TLSServer(_Server):
+    """A DICOM TLS listener that does the handshake in each connection's own thread, within
+    `handshake_timeout`, instead of in the accept loop as pynetdicom does (one stalled client
+    would hold up every new association). Refused handshakes are reported to `on_refused`."""
+
+    daemon_threads = True  # shutdown() does not wait for handshakes in progress
+    tls_context: ssl.SSLContext
+    handshake_timeout: float = 10.0
+    on_refused: Callable[[str, str], None] = staticmethod(lambda peer, reason: None)
+    _closing = False
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        secured = self._handshake(request, f"{client_address[0]}:{client_address[1]}")
+        if secured is not None:
+            super().process_request_thread(secured, client_address)
+
+    def _handshake(self, raw: socket.socket, peer: str) -> ssl.SSLSocket | None:
+        """The TLS socket, or None when the client was refused (or only probed the port)."""
+        deadline = time.monotonic() + self.handshake_timeout
+        sock: socket.socket = raw
+        try:
+            raw.settimeout(self.handshake_timeout)
+            if not raw.recv(1, socket.MSG_PEEK):  # connected and closed without a byte: a port probe
+                raw.close()
+                return None
+            sock = self.tls_context.wrap_socket(raw, server_side=True, do_handshake_on_connect=False)
+            sock.settimeout(max(0.01, deadline - time.monotonic()))
+            sock.do_handshake()
+            sock.settimeout(None)
+        except (OSError, ValueError) as exc:
+            sock.close()
+            self.on_refused(peer, tls.describe(exc))
+            return None
+        if self._closing:
+            sock.close()
+            return None
+        _log_tls(sock, peer)
+        return sock  # type: ignore[return-value]
+
+    def shutdown(self) -> None:
+        self._closing = True
+        super().shutdown()
+
+
+def _log_tls(sock: ssl.SSLSocket, peer: str) -> None:
+    cert = sock.getpeercert() or {}
+    subject = dict(item for rdn in cert.get("subject", ()) for item in rdn)
+    _log.info("tls_established", peer=peer, version=sock.version(), cipher=(sock.cipher() or ("",))[0],
+              client_cn=subject.get("commonName", ""))
+
+
+def _refusal_reporter(store: Store) -> Callable[[str, str], None]:
+    def on_refused(peer: str, reason: str) -> None:
+        _log.warning("tls_refused", peer=peer, reason=reason)
+        store.audit("association", calling_aet="", called_aet="", peer=peer, tls=True, accepted=False,
+                    reason=reason)
+
+    return on_refused
+
+
+class Listeners:
+    """The node's listening servers (plain and/or TLS), all on one AE: `shutdown()` stops them all,
+    `ae.active_associations` lists the associations of all of them."""
+
+    def __init__(self, ae: AE, servers: list[ThreadedAssociationServer]) -> None:
+        self.ae = ae
+        self.servers = servers
+
+    def shutdown(self) -> None:
+        for server in self.servers:
+            server.shutdown()
+
+
+def _serve(ae: AE, address: tuple[str, int], handlers: list, server_class: type, **attributes: Any) -> Any:
+    """ae.start_server(block=False), but with our server class (start_server takes none)."""
+    server = ae.make_server(address, evt_handlers=handlers, server_class=server_class)
+    for name, value in attributes.items():  # before the first connection can arrive
+        setattr(server, name, value)
+    thread = threading.Thread(target=make_target(server.serve_forever), name=f"AcceptorServer@{address[1]}",
+                              daemon=True)
+    thread.start()
+    ae._servers.append(server)  # what AE.start_server does: server.shutdown() removes it again
+    return server
+
+
+def _serve_tls(ae: AE, settings: Settings, config: TLS, handlers: list, store: Store) -> Any:
+    try:  # before binding: a certificate that does not match its key fails the start
+        context = tls.server_context(config)
+    except ssl.SSLError as exc:
+        raise OSError(errno.EINVAL, f"node.tls: cannot use the certificate or key ({tls.describe(exc)})") from None
+    return _serve(ae, (settings.host, config.port), handlers, _TLSServer, tls_context=context,
+                  handshake_timeout=config.handshake_timeout, on_refused=_refusal_reporter(store))
+
+
+def start(settings: Settings, pipeline: Pipeline) -> Listeners:
+    """Start the plain and/or TLS listeners of [node] / [node.tls] in background threads."""
     ae = build_ae(settings)
+    store = pipeline.store
     handlers = [
         (evt.EVT_CONN_OPEN, _on_conn_open),
-        (evt.EVT_ACCEPTED, _on_accepted),
-        (evt.EVT_REJECTED, _on_rejected),
+        (evt.EVT_ACCEPTED, _on_accepted, [store]),
+        (evt.EVT_REJECTED, _on_rejected, [store]),
         (evt.EVT_RELEASED, _on_released),
         (evt.EVT_ABORTED, _on_aborted),
         (evt.EVT_C_STORE, make_store_handler(pipeline, settings.data_dir, settings.min_free_mb * 1024 * 1024)),
     ]
-    server = ae.start_server((settings.host, settings.port), block=False, evt_handlers=handlers)
-    _log.info("listening", ae_title=settings.ae_title, host=settings.host, port=settings.port,
+    plain = settings.tls is None or settings.tls.port != settings.port  # tls.port == port: TLS only
+    servers: list[Any] = []
+    try:
+        if plain:
+            servers.append(_serve(ae, (settings.host, settings.port), handlers, _Server))
+        if settings.tls is not None:
+            servers.append(_serve_tls(ae, settings, settings.tls, handlers, store))
+    except Exception:  # the TLS port is taken, say: don't leave the plain listener running
+        Listeners(ae, servers).shutdown()
+        raise
+    _log.info("listening", ae_title=settings.ae_title, host=settings.host, port=settings.port if plain else None,
+              tls_port=settings.tls.port if settings.tls else None,
               allowed_calling_aets=list(settings.allowed_calling_aets) or "any")
-    return server
+    return Listeners(ae, servers)
