@@ -15,15 +15,13 @@ import signal
 import sys
 import tempfile
 import threading
-import time
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
-from node import __version__, config, log
+from node import __version__, config, log, serve
 from node.deid import Deidentifier, Pseudonymizer, load_or_create_key
 from node.deid.guard import Guard
 from node.deid.pseudonyms import KeyFileError
-from node.forward import Forwarder
 from node.pipeline import Held, Pipeline, Rejected, Safeguards
 from node.routing import Router
 from node.spool import Quarantine, Spool, copier
@@ -87,39 +85,27 @@ def cmd_serve(args: argparse.Namespace) -> int:
         signal.signal(signum, lambda *_: stop.set())
     settings = _settings(args)
     log.configure(settings.log_format, settings.log_level)
-    logger = log.get("node")
-    deidentifier = _deidentifier(settings)
+    _deidentifier(settings)  # a missing, unreadable or exposed key stops the node here, not in a worker
     _private_tempdir(settings.incoming_dir)
     store = _store(settings)
-    recovered = store.recover()
-    spool = Spool(settings.spool_dir)
-    spool.cleanup_tmp()
-    quarantine = Quarantine(settings.quarantine_dir)
-    forwarders = [Forwarder(d, store, spool, settings.ae_title, quarantine, worker)
-                  for d in settings.destinations for worker in range(d.parallel)]
-    pipeline = Pipeline(deidentifier, store, spool, [d.name for d in settings.destinations],
-                        on_queued=lambda: [f.wake() for f in forwarders],
-                        safeguards=_safeguards(settings), quarantine=quarantine,
-                        router=Router(settings.routes, settings.destinations))
-    from node import scp  # imported here: it switches pynetdicom to chunked, unrestricted storage
-
     try:
-        server = scp.start(settings, pipeline)
-    except OSError as exc:
+        serve.run(serve.Parts(settings, store, open_worker), stop)
+    except serve.StartError as exc:
+        raise Fatal(f"telenode: {exc}", 1) from None
+    finally:
         store.close()
-        raise Fatal(f"telenode: cannot listen on {settings.host}:{settings.port}: {exc.strerror}", 1) from None
-    for forwarder in forwarders:
-        forwarder.start()
-    store.audit("node_started", ae_title=settings.ae_title, port=settings.port, version=__version__)
-    logger.info("node_started", version=__version__, destinations=[d.name for d in settings.destinations],
-                requeued_in_flight=recovered)
-    while not stop.wait(1.0):
-        pass
-    _stop_gracefully(server, forwarders, time.monotonic() + settings.stop_timeout)
-    store.audit("node_stopped")
-    store.close()
-    logger.info("node_stopped")
     return 0
+
+
+def open_worker(settings: config.Settings, on_queued: Callable[[], None]) -> tuple[Pipeline, Store]:
+    """One SCP worker's pipeline and store connection (runs in the worker process)."""
+    tempfile.tempdir = str(settings.incoming_dir)
+    store = _store(settings)
+    pipeline = Pipeline(_deidentifier(settings), store, Spool(settings.spool_dir),
+                        [d.name for d in settings.destinations], on_queued=on_queued,
+                        safeguards=_safeguards(settings), quarantine=Quarantine(settings.quarantine_dir),
+                        router=Router(settings.routes, settings.destinations))
+    return pipeline, store
 
 
 def _private_tempdir(folder: Path) -> None:
@@ -130,22 +116,6 @@ def _private_tempdir(folder: Path) -> None:
     for leftover in folder.glob("*.dcm"):  # a killed node's half-received data sets, never acknowledged
         leftover.unlink(missing_ok=True)
     tempfile.tempdir = str(folder)
-
-
-def _stop_gracefully(server: Any, forwarders: Sequence[Forwarder], deadline: float) -> None:
-    """No new associations; in-flight C-STOREs finish; each forwarder finishes its instance; by the deadline."""
-    log.get("node").info("node_stopping")
-    for forwarder in forwarders:  # they finish their instance while the C-STOREs in flight finish
-        forwarder.request_stop()
-    server.shutdown()
-    # Only associations that are established have C-STOREs in flight; a bare TCP connection
-    # (a load balancer's health check) would otherwise hold the stop until its ACSE timeout.
-    while any(a.is_established for a in server.ae.active_associations) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    for assoc in server.ae.active_associations:  # idle connections, or past the deadline: don't hold the exit
-        assoc.abort()
-    for forwarder in forwarders:
-        forwarder.join(max(0.1, deadline - time.monotonic()))
 
 
 def _inputs(paths: Sequence[str]) -> Iterator[tuple[Path, Path]]:

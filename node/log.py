@@ -26,8 +26,9 @@ class _ToStructlog(logging.Handler):
         method("library_message", message=record.getMessage())
 
 
-def configure(fmt: str = "auto", level: str = "info", stream: Any = None) -> None:
-    """Configure structlog once per process: 'json', 'console', or 'auto' (console on a TTY)."""
+def configure(fmt: str = "auto", level: str = "info", stream: Any = None, process: str = "") -> None:
+    """Configure structlog once per process: 'json', 'console', or 'auto' (console on a TTY).
+    `process` names a worker process in each of its lines."""
     stream = stream or sys.stderr
     if fmt == "auto":
         fmt = "console" if stream.isatty() else "json"
@@ -39,13 +40,16 @@ def configure(fmt: str = "auto", level: str = "info", stream: Any = None) -> Non
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
+            *([_field("process", process)] if process else []),
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(LEVELS[level]),
-        logger_factory=structlog.PrintLoggerFactory(stream),
+        # One write per line (print() writes the line and its newline separately), so that the
+        # lines of the supervisor and of its workers, sharing one stderr, never interleave.
+        logger_factory=structlog.WriteLoggerFactory(stream),
         cache_logger_on_first_use=True,
     )
     library = logging.getLogger("pynetdicom")
@@ -58,6 +62,14 @@ def configure(fmt: str = "auto", level: str = "info", stream: Any = None) -> Non
         silent.handlers = [logging.NullHandler()]
         silent.propagate = False
     logging.captureWarnings(True)
+
+
+def _field(key: str, value: str) -> Any:
+    def add(_logger: Any, _method: str, event: dict[str, Any]) -> dict[str, Any]:
+        event.setdefault(key, value)
+        return event
+
+    return add
 
 
 def get(name: str) -> Any:

@@ -24,6 +24,7 @@ from pydicom.dataset import FileDataset
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
 
 from node import log
+from node.commit import GroupCommit
 from node.config import PixelRule
 from node.deid import DeidError, Deidentifier
 from node.deid.guard import Guard
@@ -231,6 +232,7 @@ class Pipeline:
         self.quarantine = quarantine
         self.router = router
         self.log = log.get("pipeline")
+        self._commits = GroupCommit(store.batch)
 
     def receive(self, source: str | os.PathLike[str], *, calling_aet: str, priority: int = 0) -> Outcome:
         """Handle one received C-STORE data set (a Part 10 file); never raises."""
@@ -239,7 +241,7 @@ class Pipeline:
         try:
             ds, record, decision = self._prepare(source, calling_aet, QUEUE_PRIORITY.get(priority, 0))
             size, target = self._spool(ds, record)
-            self.store.record_instance(
+            self._commits.run(lambda: self.store.record_instance(
                 record,
                 calling_aet=calling_aet,
                 path=str(target),
@@ -247,7 +249,7 @@ class Pipeline:
                 transfer_syntax=str(ds.file_meta.TransferSyntaxUID),
                 destinations=decision.destinations,
                 priority=decision.priority,
-            )
+            ))
         except Rejected as exc:
             self.log.warning("instance_refused", calling_aet=calling_aet, status=f"0x{exc.status:04X}",
                              reason=exc.comment)

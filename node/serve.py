@@ -1,0 +1,229 @@
+"""Serving: one supervisor process, its SCP worker processes, and the forwarders.
+
+`telenode serve` runs the supervisor (`run`). It does what must happen once —
+load and check the keys, migrate the store, recover what a killed node left in
+flight, clean the spool — then starts `[node] workers` worker processes, each a
+Storage SCP with its own pipeline and its own store connection on the same port
+(SO_REUSEPORT: the kernel spreads associations over them), and runs the
+forwarders itself. Receiving and de-identifying are CPU-bound Python, so they get
+the cores; sending runs beside them instead of sharing one interpreter lock.
+
+SQLite (WAL, short transactions) is the only state the processes share; a worker
+tells the supervisor that it queued work through one shared event. A worker dies
+with its supervisor (PR_SET_PDEATHSIG), so a killed node never leaves a process
+holding the port; a worker that dies alone is restarted. SIGTERM/SIGINT: workers
+stop accepting and finish their C-STOREs, forwarders finish their instance, all
+within stop_timeout, and the supervisor exits 0.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import multiprocessing
+import os
+import signal
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from multiprocessing.synchronize import Event as EventType
+from typing import Any, Callable, Sequence
+
+from node import __version__, config, log
+from node.forward import Forwarder
+from node.spool import Quarantine, Spool
+from node.store import Store
+
+_SPAWN = multiprocessing.get_context("spawn")  # never fork a process that runs threads
+RESTART_PAUSE = 1.0  # seconds between restarts of a worker that keeps dying
+
+
+class StartError(Exception):
+    """The node cannot start (port taken, worker failed); the message says why, without PHI."""
+
+
+@dataclass(frozen=True)
+class Parts:
+    """What the supervisor builds once; the CLI provides it (keys, store, checks)."""
+
+    settings: config.Settings
+    store: Store
+    # A module-level function (spawn pickles it by name): (settings, on_queued) → (pipeline, store),
+    # called inside each worker process.
+    open_worker: Callable[[config.Settings, Callable[[], None]], tuple[Any, Store]]
+
+
+def run(parts: Parts, stop: threading.Event) -> None:
+    """Serve until `stop` is set; raise StartError if the node cannot start."""
+    settings, store = parts.settings, parts.store
+    logger = log.get("node")
+    _probe_ports(settings)
+    recovered = store.recover()
+    spool = Spool(settings.spool_dir)
+    spool.cleanup_tmp()
+    quarantine = Quarantine(settings.quarantine_dir)
+    forwarders = [Forwarder(d, store, spool, settings.ae_title, quarantine, worker)
+                  for d in settings.destinations for worker in range(d.parallel)]
+    queued = _SPAWN.Event()
+    pool = _Workers(parts, queued)
+    try:
+        pool.start()
+        for forwarder in forwarders:
+            forwarder.start()
+        store.audit("node_started", ae_title=settings.ae_title, port=settings.port, workers=settings.workers,
+                    version=__version__)
+        logger.info("node_started", version=__version__, port=settings.port, workers=settings.workers,
+                    destinations=[d.name for d in settings.destinations], requeued_in_flight=recovered)
+        for warning in settings.warnings:
+            logger.warning("config_warning", message=warning)
+        while not stop.is_set():
+            if queued.wait(0.2):
+                queued.clear()
+                for forwarder in forwarders:
+                    forwarder.wake()
+            pool.restart_dead()
+    finally:
+        _stop(pool, forwarders, time.monotonic() + settings.stop_timeout)
+    store.audit("node_stopped")
+    logger.info("node_stopped")
+
+
+def _probe_ports(settings: config.Settings) -> None:
+    """Workers bind with SO_REUSEPORT, which would silently share a port with another telenode:
+    bind each port once without it first, so a taken port is an error, as users expect."""
+    ports = [settings.port] + ([settings.tls.port] if settings.tls and settings.tls.port != settings.port else [])
+    for port in ports:
+        with socket.socket(socket.AF_INET6 if ":" in settings.host else socket.AF_INET) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((settings.host, port))
+            except OSError as exc:
+                raise StartError(f"cannot listen on {settings.host}:{port}: {exc.strerror}") from None
+
+
+def _stop(pool: "_Workers", forwarders: Sequence[Forwarder], deadline: float) -> None:
+    """Workers finish their C-STOREs while forwarders finish their instance; both by the deadline."""
+    log.get("node").info("node_stopping")
+    for forwarder in forwarders:
+        forwarder.request_stop()
+    pool.stop(deadline)
+    for forwarder in forwarders:
+        forwarder.join(max(0.1, deadline - time.monotonic()))
+
+
+class _Workers:
+    """The SCP worker processes: start, watch, restart, stop."""
+
+    def __init__(self, parts: Parts, queued: EventType) -> None:
+        self.parts = parts
+        self.queued = queued
+        self.processes: list[Any] = [None] * parts.settings.workers
+        self.messages = _SPAWN.SimpleQueue()
+        self.log = log.get("node")
+        self.last_restart = 0.0
+
+    def start(self) -> None:
+        for index in range(len(self.processes)):
+            self._spawn(index)
+        for _ in self.processes:
+            self._await_ready()
+
+    def _spawn(self, index: int) -> None:
+        settings = self.parts.settings
+        process = _SPAWN.Process(
+            target=_worker_main, name=f"telenode-worker-{index}", daemon=True,
+            args=(index, settings, self.parts.open_worker, self.queued, self.messages),
+        )
+        process.start()
+        self.processes[index] = process
+
+    def _await_ready(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.messages.empty():
+                if not any(p.is_alive() for p in self.processes if p is not None):
+                    raise StartError("every worker process exited during start")
+                time.sleep(0.02)
+                continue
+            kind, index, detail = self.messages.get()
+            if kind == "ready":
+                return
+            raise StartError(f"worker {index}: {detail}")
+        raise StartError("worker processes did not start within 60 s")
+
+    def restart_dead(self) -> None:
+        """A worker that died (a crash, the OOM killer) is replaced; its acknowledged work is durable."""
+        for index, process in enumerate(self.processes):
+            if process is None or process.is_alive():
+                continue
+            if time.monotonic() - self.last_restart < RESTART_PAUSE:
+                return
+            self.log.error("worker_died", worker=index, exit_code=process.exitcode)
+            self.last_restart = time.monotonic()
+            self._spawn(index)
+            try:
+                self._await_ready()
+            except StartError as exc:
+                self.log.error("worker_restart_failed", worker=index, reason=str(exc))
+
+    def stop(self, deadline: float) -> None:
+        alive = [p for p in self.processes if p is not None and p.is_alive()]
+        for process in alive:
+            os.kill(process.pid, signal.SIGTERM)
+        for process in alive:
+            process.join(max(0.1, deadline - time.monotonic()))
+        for process in alive:
+            if process.is_alive():  # past stop_timeout: nothing unacknowledged is lost by this
+                process.kill()
+                process.join(5)
+
+
+def _die_with_parent() -> None:
+    """Linux: SIGKILL this worker when the supervisor dies, whatever killed it."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() == 1:  # the supervisor died before prctl took effect
+        os._exit(1)
+
+
+def _worker_main(index: int, settings: config.Settings, open_worker: Callable[..., tuple[Any, Store]],
+                 queued: EventType, messages: Any) -> None:
+    """One SCP worker process: receive, de-identify, spool and record until SIGTERM."""
+    _die_with_parent()
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C reaches the supervisor, which decides
+    log.configure(settings.log_format, settings.log_level, process=f"worker-{index}")
+    try:
+        pipeline, store = open_worker(settings, queued.set)
+        from node import scp  # imported here: it switches pynetdicom to chunked, unrestricted storage
+
+        server = scp.start(settings, pipeline)
+    except Exception as exc:  # noqa: BLE001 - reported to the supervisor, which exits with it
+        messages.put(("error", index, _describe(exc)))
+        return
+    messages.put(("ready", index, ""))
+    while not stop.wait(1.0):
+        pass
+    _drain(server, time.monotonic() + settings.stop_timeout)
+    store.close()
+
+
+def _describe(exc: Exception) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or type(exc).__name__
+
+
+def _drain(server: Any, deadline: float) -> None:
+    """No new associations; established ones finish their C-STOREs until the deadline."""
+    server.shutdown()
+    # Only established associations have C-STOREs in flight; a bare TCP connection (a load
+    # balancer's health check) would otherwise hold the stop until its ACSE timeout.
+    while any(a.is_established for a in server.ae.active_associations) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for assoc in server.ae.active_associations:
+        assoc.abort()

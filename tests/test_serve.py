@@ -1,0 +1,130 @@
+"""Serving with worker processes (node/serve.py), driven with real DCMTK peers: associations are
+spread over the workers, every instance arrives once, a dead worker is replaced, a killed
+supervisor takes its workers with it, and a taken port is an error rather than a shared one."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from conftest import REPO, echo, free_port, storescu, wait_for
+from studies import make_study
+
+
+def _workers(node, count: int):
+    text = node.config.read_text().replace("[node]\n", f"[node]\nworkers = {count}\n", 1)
+    node.config.write_text(text)
+    return node
+
+
+def _children(pid: int) -> list[int]:
+    """PIDs of the worker processes whose parent is `pid` (from /proc; not multiprocessing's
+    resource tracker, which is a child too)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+                cmdline = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid and b"spawn_main" in cmdline:
+                found.append(int(entry.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie is dead too
+        return (Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]) != "Z"
+    except OSError:
+        return False
+
+
+def _log_lines(node) -> list[dict]:
+    lines = []
+    for raw in node.log.read_text().splitlines():
+        try:
+            lines.append(json.loads(raw))
+        except ValueError:
+            continue
+    return lines
+
+
+def _ready(node, workers: int) -> bool:
+    return any(line.get("event") == "node_started" for line in _log_lines(node))
+
+
+def test_two_workers_share_the_port_and_every_instance_arrives_once(tmp_path, make_node, make_storescp):
+    remote = make_storescp().start()
+    node = _workers(make_node([(remote.ae_title, remote.port)]), 2).start()
+    assert wait_for(lambda: _ready(node, 2), 60)
+    assert len(_children(node.proc.pid)) >= 2
+    studies = [make_study(tmp_path / f"study{i}", 3, 1, {"PatientID": f"P{i}"}).files for i in range(16)]
+    with ThreadPoolExecutor(4) as pool:  # 16 associations, 4 at a time
+        results = list(pool.map(lambda files: storescu(node.port, files), studies))
+    assert all(r.returncode == 0 for r in results), [r.stderr for r in results if r.returncode]
+    assert wait_for(lambda: len(remote.files()) == 48, 60), len(remote.files())
+    stored = [line for line in _log_lines(node) if line.get("event") == "instance_stored"]
+    assert len(stored) == 48
+    # The kernel hashes connections over both workers: all 16 on one has odds of 2 in 65,536.
+    assert {line.get("process") for line in stored} == {"worker-0", "worker-1"}
+    assert node.stop() == 0
+
+
+def test_a_dead_worker_is_replaced_and_the_node_keeps_serving(tmp_path, make_node, make_storescp):
+    remote = make_storescp().start()
+    node = _workers(make_node([(remote.ae_title, remote.port)]), 1).start()
+    assert wait_for(lambda: _ready(node, 1), 60)
+    [worker] = _children(node.proc.pid)
+    os.kill(worker, signal.SIGKILL)
+    assert wait_for(lambda: any(line.get("event") == "worker_died" for line in _log_lines(node)), 20)
+    assert wait_for(lambda: echo(node.port).returncode == 0, 60)
+    files = make_study(tmp_path / "study", 2, 1).files
+    assert storescu(node.port, files).returncode == 0
+    assert wait_for(lambda: len(remote.files()) == 2, 30)
+    assert node.stop() == 0
+
+
+def test_killing_the_supervisor_takes_its_workers_along(make_node):
+    node = _workers(make_node([("TELERAD", free_port())]), 2).start()
+    assert wait_for(lambda: _ready(node, 2), 60)
+    workers = _children(node.proc.pid)
+    assert len(workers) >= 2
+    node.kill()
+    assert wait_for(lambda: not any(_alive(pid) for pid in workers), 10), "orphaned worker processes"
+    with socket.socket() as sock:  # the port is free again: a restarted node can bind it
+        sock.bind(("127.0.0.1", node.port))
+
+
+def test_sigterm_stops_workers_and_exits_zero(make_node):
+    node = _workers(make_node([("TELERAD", free_port())]), 2).start()
+    assert wait_for(lambda: _ready(node, 2), 60)
+    workers = _children(node.proc.pid)
+    assert node.stop() == 0
+    assert not any(_alive(pid) for pid in workers)
+    assert any(line.get("event") == "node_stopped" for line in _log_lines(node))
+
+
+def test_a_taken_port_is_an_error_not_a_shared_port(make_node):
+    first = make_node([("TELERAD", free_port())]).start()
+    second = make_node([("TELERAD", free_port())])
+    text = second.config.read_text().replace(f"port = {second.port}\n", f"port = {first.port}\n", 1)
+    second.config.write_text(text)
+    result = subprocess.run([sys.executable, "-m", "node", "serve", "--config", str(second.config)],
+                            capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert result.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{first.port}" in result.stderr
+    assert echo(first.port).returncode == 0
+    time.sleep(0.1)
+    assert first.stop() == 0
