@@ -1,33 +1,41 @@
-"""The `telenode` command line: serve, anonymize, reidentify, status.
+"""The `telenode` command line: serve, anonymize, reidentify, status, quarantine, keys, audit.
 
 Wires the modules together and owns process concerns: exit statuses (2 for a
-configuration problem), signals (SIGTERM/SIGINT stop gracefully), and what is
-printed on stdout (results) versus stderr (structured logs).
+configuration problem, 3 for a refused privileged act), signals (SIGTERM/SIGINT
+stop gracefully), and what is printed on stdout (results) versus stderr
+(structured logs). Re-identification and reading quarantined originals are
+privileged acts: the operator and reason are checked against `[security]` and
+audited (committed) before any original is printed.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import getpass
 import json
 import os
+import resource
 import signal
 import sys
 import tempfile
 import threading
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from node import __version__, config, log, serve
 from node.deid import Deidentifier, Pseudonymizer, load_or_create_key
 from node.deid.guard import Guard
 from node.deid.pseudonyms import KeyFileError
+from node.keys import MappingKeyError, check_private
 from node.pipeline import Held, Pipeline, Rejected, Safeguards
 from node.routing import Router
-from node.spool import Quarantine, Spool, copier
+from node.spool import Quarantine, Spool, atomic_write, copier
 from node.store import Store, empty_status
 
 EXIT_CONFIG = 2
+EXIT_UNKNOWN = 1  # reidentify: no such pseudonym
+EXIT_REFUSED = 3  # a privileged act refused by [security] operators
 
 
 class Fatal(Exception):
@@ -50,6 +58,7 @@ def _settings(args: argparse.Namespace) -> config.Settings:
 
 def _deidentifier(settings: config.Settings) -> Deidentifier:
     """Key and rule engine, built once per process (never per instance)."""
+    _no_core_dumps()
     try:
         key = load_or_create_key(settings.key_file)
     except (KeyFileError, OSError) as exc:
@@ -71,11 +80,37 @@ def _safeguards(settings: config.Settings) -> Safeguards:
     )
 
 
+def _no_core_dumps() -> None:
+    """A process holding keys and originals writes no core file (crash dumps would carry both)."""
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+
+
 def _store(settings: config.Settings) -> Store:
+    """The mapping store with the mapping keyring (refused unless 0600) and the configured audit copies."""
+    _no_core_dumps()
     try:
-        return Store(settings.database)
+        return Store(settings.database, settings.mapping_key, audit_file=settings.audit_file,
+                     audit_syslog=settings.audit_syslog)
+    except KeyFileError as exc:
+        raise Fatal(f"telenode: configuration error: {settings.path}: security.mapping_key_file: "
+                    f"{settings.mapping_key}: {exc}") from None
+    except ValueError as exc:
+        raise Fatal(f"telenode: configuration error: {settings.path}: security.audit_syslog: {exc}") from None
     except OSError as exc:
-        raise Fatal(f"telenode: cannot open mapping store {settings.database}: {exc.strerror}", 1) from None
+        raise Fatal(f"telenode: cannot open mapping store {settings.database} or its audit file: "
+                    f"{exc.strerror}", 1) from None
+
+
+def _check_keys(settings: config.Settings) -> None:
+    """Refuse key files group or others can read (the commands that open them check again)."""
+    for what, path in (("anonymization.key_file", settings.key_file),
+                       ("security.mapping_key_file", settings.mapping_key)):
+        if path.is_file():
+            try:
+                check_private(path)
+            except KeyFileError as exc:
+                raise Fatal(f"telenode: configuration error: {settings.path}: {what}: {exc}") from None
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -162,23 +197,65 @@ def cmd_anonymize(args: argparse.Namespace) -> int:
     return 0 if failed == 0 and done > 0 else 1
 
 
+def _os_user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry (containers)
+        return f"uid {os.getuid()}"
+
+
+def _privileged(args: argparse.Namespace, settings: config.Settings, store: Store, event: str,
+                **facts: Any) -> dict[str, Any]:
+    """Who asks and why, checked against [security] operators; a refusal is audited, then exits 3.
+
+    Returns the audit facts (operator, where it came from, the OS user, reason) for the act's record."""
+    given = args.operator or os.environ.get("TELENODE_OPERATOR")
+    source = "flag" if args.operator else "env" if given else "os_user"
+    operator = given or _os_user()
+    reason = args.reason or os.environ.get("TELENODE_REASON") or None
+    who = {"operator": operator, "operator_source": source, "os_user": _os_user(), "reason": reason,
+           "reason_given": reason is not None}
+    refusal = ""
+    if settings.operators:
+        if not given:
+            refusal = "an operator must be named (--operator or TELENODE_OPERATOR)"
+        elif operator not in settings.operators:
+            refusal = f"operator {operator!r} is not in [security] operators"
+        elif reason is None:
+            refusal = "a reason is required (--reason or TELENODE_REASON)"
+    if refusal:
+        store.audit(f"{event}_refused", **who, **facts, refused=refusal)
+        raise Fatal(f"telenode: {event} refused: {refusal}", EXIT_REFUSED)
+    if reason is None:
+        print(f"telenode: warning: no reason given for {event} (--reason or TELENODE_REASON); "
+              "recorded as not given", file=sys.stderr)
+    return who
+
+
 def cmd_reidentify(args: argparse.Namespace) -> int:
     settings = _settings(args)
     log.configure(settings.log_format, settings.log_level)
-    operator = args.operator or os.environ.get("TELENODE_OPERATOR") or getpass.getuser()
-    reason = args.reason or os.environ.get("TELENODE_REASON") or ""
+    _check_keys(settings)
     store = _store(settings)
     try:
-        found = store.lookup(args.value)
-        # Audited before anything is answered, found or not.
-        store.audit("reidentify", operator=operator, reason=reason, pseudonym=args.value, found=found is not None)
+        who = _privileged(args, settings, store, "reidentify", pseudonym=args.value)
+        found = _lookup(store, args.value)
+        # Audited (committed) before anything is answered, found or not.
+        store.audit("reidentify", **who, pseudonym=args.value, found=found is not None)
     finally:
         store.close()
     if found is None:
         print(f"telenode: unknown pseudonym {args.value!r}", file=sys.stderr)
-        return 1
+        return EXIT_UNKNOWN
     print(json.dumps({k: v for k, v in found.items() if v not in (None, "")}, indent=2, sort_keys=True))
     return 0
+
+
+def _lookup(store: Store, value: str) -> dict[str, Any] | None:
+    try:
+        return store.lookup(value)
+    except MappingKeyError as exc:
+        raise Fatal(f"telenode: cannot decrypt the originals of {value!r}: {exc}", 1) from None
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -234,7 +311,7 @@ def cmd_pause(args: argparse.Namespace) -> int:
 
 
 def _operator(args: argparse.Namespace) -> str:
-    return getattr(args, "operator", None) or os.environ.get("TELENODE_OPERATOR") or getpass.getuser()
+    return getattr(args, "operator", None) or os.environ.get("TELENODE_OPERATOR") or _os_user()
 
 
 def cmd_quarantine_list(args: argparse.Namespace) -> int:
@@ -248,6 +325,123 @@ def cmd_quarantine_list(args: argparse.Namespace) -> int:
         print(f"{entry['id']:<26} {entry.get('time', ''):<21} {entry.get('kind', ''):<12} "
               f"{entry.get('destination', '') or '-':<14} {entry.get('reason', '')}")
     print(f"{len(entries)} instance(s) in quarantine")
+    return 0
+
+
+def _held(settings: config.Settings, qid: str) -> tuple[Quarantine, dict]:
+    quarantine = Quarantine(settings.quarantine_dir)
+    entry = quarantine.get(qid)
+    if entry is None or not quarantine.file(qid).is_file():
+        raise Fatal(f"telenode: {qid}: not in quarantine", 1)
+    return quarantine, entry
+
+
+def cmd_quarantine_show(args: argparse.Namespace) -> int:
+    """Print a held original's attributes (PHI): a privileged act, audited before anything is printed."""
+    settings = _settings(args)
+    log.configure(settings.log_format, settings.log_level)
+    _check_keys(settings)
+    quarantine, entry = _held(settings, args.id)
+    store = _store(settings)
+    try:
+        who = _privileged(args, settings, store, "quarantine_show", quarantine_id=args.id)
+        store.audit("quarantine_show", **who, quarantine_id=args.id, kind=entry.get("kind"))
+    finally:
+        store.close()
+    print(json.dumps({"entry": entry, "attributes": _attributes(quarantine.file(args.id))}, indent=2,
+                     sort_keys=True))
+    return 0
+
+
+def _attributes(path: Path) -> dict[str, str]:
+    """Top-level text attributes of a DICOM file (no pixel data, no binary, no sequences)."""
+    import pydicom
+
+    ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+    binary = {"OB", "OW", "OF", "OD", "OL", "OV", "UN", "SQ"}
+    return {(elem.keyword or str(elem.tag)): str(elem.value) for elem in ds if elem.VR not in binary}
+
+
+def cmd_quarantine_export(args: argparse.Namespace) -> int:
+    """Copy a held original out (0600, never over an existing file): a privileged act, audited first."""
+    settings = _settings(args)
+    log.configure(settings.log_format, settings.log_level)
+    _check_keys(settings)
+    quarantine, entry = _held(settings, args.id)
+    target = Path(args.output)
+    if target.exists():
+        raise Fatal(f"telenode: {target} exists; not overwritten", 1)
+    store = _store(settings)
+    try:
+        who = _privileged(args, settings, store, "quarantine_export", quarantine_id=args.id)
+        store.audit("quarantine_export", **who, quarantine_id=args.id, kind=entry.get("kind"), output=str(target))
+    finally:
+        store.close()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    size = atomic_write(target, copier(quarantine.file(args.id)))
+    print(json.dumps({"exported": str(target), "bytes": size}))
+    return 0
+
+
+def cmd_keys_rotate(args: argparse.Namespace) -> int:
+    """New mapping key, every original re-encrypted under it while the node runs, old keys retired."""
+    settings = _settings(args)
+    log.configure(settings.log_format, settings.log_level)
+    _check_keys(settings)
+    store = _store(settings)
+    try:
+        result = store.rotate_mapping_key()
+        store.audit("mapping_key_rotated", operator=_operator(args), **result)
+    except (KeyFileError, MappingKeyError) as exc:
+        raise Fatal(f"telenode: keys rotate: {settings.mapping_key}: {exc}", 1) from None
+    finally:
+        store.close()
+    print(json.dumps(result, sort_keys=True))
+    return 0
+
+
+def cmd_keys_status(args: argparse.Namespace) -> int:
+    """Key ids in the mapping keyring (never the keys) and how many stored originals each encrypts."""
+    settings = _settings(args)
+    _check_keys(settings)
+    store = _store(settings)
+    try:
+        usage = store.key_usage()
+        ring = [f"{kid:08x}" for kid in store.ring.ids]
+    finally:
+        store.close()
+    print(json.dumps({"keyring": str(settings.mapping_key), "active": ring[0], "keys": ring, "values": usage},
+                     sort_keys=True))
+    return 0
+
+
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    """Walk the audit hash chain: 0 if intact, 1 naming the first bad record."""
+    settings = _settings(args)
+    store = _store(settings)
+    try:
+        verdict = store.verify_audit()
+    finally:
+        store.close()
+    if not verdict.intact:
+        print(f"audit trail broken at record {verdict.bad_id}: {verdict.problem} "
+              f"({verdict.count} records before it intact)")
+        return 1
+    print(f"audit trail intact: {verdict.count} records")
+    print(f"head: {verdict.head}")
+    return 0
+
+
+def cmd_audit_show(args: argparse.Namespace) -> int:
+    """Audit records as JSON lines, oldest first (pseudonyms and operator facts only)."""
+    settings = _settings(args)
+    store = _store(settings)
+    try:
+        records = store.audit_log(args.event, args.limit)
+    finally:
+        store.close()
+    for record in records:
+        print(json.dumps(record, sort_keys=True))
     return 0
 
 
@@ -332,19 +526,61 @@ def parser() -> argparse.ArgumentParser:
         sub.add_argument("destination", metavar="NAME")
         sub.add_argument("--operator", help="who (default: $TELENODE_OPERATOR or the OS user)")
         sub.set_defaults(func=cmd_pause)
-    quarantine = commands.add_parser("quarantine", help="instances held back: list them, retry them")
+    quarantine = commands.add_parser("quarantine", help="instances held back: list, show, export, retry")
+    quarantine.add_argument("--config", "-c", metavar="FILE", help="TOML config (default: $TELENODE_CONFIG)")
     actions = quarantine.add_subparsers(dest="action", required=True)
     listing = actions.add_parser("list", help="what is held and why")
-    listing.add_argument("--config", "-c", metavar="FILE")
+    _config_option(listing)
     listing.add_argument("--json", action="store_true")
     listing.set_defaults(func=cmd_quarantine_list)
     retry = actions.add_parser("retry", help="queue failed sends again; re-run held originals through the pipeline")
-    retry.add_argument("--config", "-c", metavar="FILE")
+    _config_option(retry)
     retry.add_argument("ids", nargs="*", metavar="ID")
     retry.add_argument("--all", action="store_true", help="every entry")
     retry.add_argument("--operator", help="who (default: $TELENODE_OPERATOR or the OS user)")
     retry.set_defaults(func=cmd_quarantine_retry)
+    for name, text, func in (("show", "print a held original's attributes (PHI; audited)", cmd_quarantine_show),
+                             ("export", "copy a held original to a file (PHI; audited)", cmd_quarantine_export)):
+        sub = actions.add_parser(name, help=text, description=text)
+        _config_option(sub)
+        sub.add_argument("id", metavar="ID")
+        if name == "export":
+            sub.add_argument("--output", "-o", required=True, metavar="FILE")
+        _who_arguments(sub)
+        sub.set_defaults(func=func)
+    keys = commands.add_parser("keys", help="the mapping keyring: rotate it, see which keys are in use")
+    keys.add_argument("--config", "-c", metavar="FILE", help="TOML config (default: $TELENODE_CONFIG)")
+    key_actions = keys.add_subparsers(dest="action", required=True)
+    rotate = key_actions.add_parser("rotate", help="new mapping key; re-encrypt every original; retire old keys")
+    _config_option(rotate)
+    rotate.add_argument("--operator", help="who (default: $TELENODE_OPERATOR or the OS user)")
+    rotate.set_defaults(func=cmd_keys_rotate)
+    key_status = key_actions.add_parser("status", help="key ids and how many stored values each encrypts")
+    _config_option(key_status)
+    key_status.set_defaults(func=cmd_keys_status)
+    trail = commands.add_parser("audit", help="the hash-chained audit trail: verify it, show it")
+    trail.add_argument("--config", "-c", metavar="FILE", help="TOML config (default: $TELENODE_CONFIG)")
+    trail_actions = trail.add_subparsers(dest="action", required=True)
+    check = trail_actions.add_parser("verify", help="exit 0 if the chain is intact, 1 naming the first bad record")
+    _config_option(check)
+    check.set_defaults(func=cmd_audit_verify)
+    show = trail_actions.add_parser("show", help="records as JSON lines, oldest first")
+    _config_option(show)
+    show.add_argument("--event", metavar="E", help="only this event")
+    show.add_argument("--limit", type=int, metavar="N", help="only the last N records")
+    show.set_defaults(func=cmd_audit_show)
     return top
+
+
+def _config_option(sub: argparse.ArgumentParser) -> None:
+    """--config on a sub-command of a group (`quarantine list`), also accepted before it
+    (`quarantine --config F list`): SUPPRESS keeps the group's value when it is not repeated."""
+    sub.add_argument("--config", "-c", metavar="FILE", default=argparse.SUPPRESS)
+
+
+def _who_arguments(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument("--operator", help="who asks (default: $TELENODE_OPERATOR or the OS user)")
+    sub.add_argument("--reason", help="why (default: $TELENODE_REASON)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -7,7 +7,13 @@ transaction. The schema is versioned with `PRAGMA user_version` and migrated
 forward on open.
 
 Original values (PHI) live only in the patients/studies/series/instances/uids
-tables; the queue and the audit trail hold pseudonyms only.
+tables, and only encrypted: AES-256-GCM under the mapping keyring
+(node/keys.py, a key separate from the pseudonym key), each value bound to its
+table, column and row by the associated data. Rows are found by pseudonym,
+which is itself a keyed HMAC of the original, so no lookup needs an original
+in clear. A copy of the database file alone reveals no identity. The queue
+and the audit trail hold pseudonyms only; the audit trail is hash-chained
+(node/audit.py).
 """
 
 from __future__ import annotations
@@ -23,9 +29,23 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import sqlite_utils
 
+from node import audit as chain
+from node import log
 from node.deid.record import DeidRecord
+from node.keys import Keyring, rotation_lock
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+
+#: Per table: its primary key (a pseudonym) and the columns that hold originals, encrypted.
+ENCRYPTED: dict[str, tuple[str, tuple[str, ...]]] = {
+    "patients": ("pseudo_patient_id", ("patient_id", "issuer_of_patient_id", "patient_name", "patient_birth_date")),
+    "studies": ("pseudo_study_instance_uid", ("study_instance_uid", "accession_number", "study_date")),
+    "series": ("pseudo_series_instance_uid", ("series_instance_uid",)),
+    "instances": ("pseudo_sop_instance_uid", ("sop_instance_uid",)),
+    "uids": ("pseudo_uid", ("original_uid",)),
+}
+#: Output column of a lookup → (table, primary key column) that authenticates it.
+_SEALED_BY = {column: (table, pk) for table, (pk, columns) in ENCRYPTED.items() for column in columns}
 
 PENDING, INFLIGHT, SENT, FAILED = "pending", "inflight", "sent", "failed"
 REQUEUED = "requeued"  # a failed row released from the quarantine: replaced by a new pending row
@@ -42,9 +62,16 @@ def _iso(seconds: float) -> str:
 class Store:
     """SQLite-backed mappings, queue and audit for one node."""
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], mapping_key: str | os.PathLike[str] | None = None, *,
+                 audit_file: str | os.PathLike[str] | None = None, audit_syslog: str = "") -> None:
+        """Open (create, migrate) the database at `path`; originals are sealed with the keyring file
+        `mapping_key` (default: mapping.key beside the database, created 0600). Raises KeyFileError
+        if the keyring is group/world accessible or malformed."""
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.ring = Keyring(Path(mapping_key) if mapping_key else self.path.parent / "mapping.key")
+        self._sinks = chain.sinks(Path(audit_file) if audit_file else None, audit_syslog)
+        self._unsent: list[dict[str, Any]] = []  # audit records of the open transaction, for the sinks
         fresh = not self.path.exists()
         conn = sqlite3.connect(self.path, check_same_thread=False, timeout=30, isolation_level=None)
         if fresh:
@@ -55,6 +82,16 @@ class Store:
         self.db = sqlite_utils.Database(conn)
         self._lock = threading.RLock()
         self._migrate()
+        self._warn_new_key()
+
+    def __repr__(self) -> str:
+        return f"Store({str(self.path)!r})"
+
+    def _warn_new_key(self) -> None:
+        """A keyring just created for a store that has mappings: wrong mapping_key_file, or a lost key."""
+        if self.ring.created and self.db.execute("SELECT 1 FROM patients LIMIT 1").fetchone():
+            log.get("store").warning("mapping_key_created_for_existing_store", keyring=str(self.ring.path),
+                                     consequence="originals recorded before cannot be re-identified with it")
 
     # -- schema ---------------------------------------------------------------------------------
 
@@ -67,7 +104,10 @@ class Store:
                 self._schema_1()
             if version < 2:
                 self._schema_2()
+            sealed = self._schema_3() if version < 3 else 0
             self.db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        if sealed:
+            self._scrub()
 
     def _schema_1(self) -> None:
         db = self.db
@@ -105,8 +145,77 @@ class Store:
             "name": str, "paused": int, "last_error": str, "error_time": float, "updated": float,
         }, pk="name", if_not_exists=True)
 
+    def _schema_3(self) -> int:
+        """Originals encrypted (plaintext rows of older databases sealed in place), audit hash chain.
+
+        Idempotent: only TEXT values are sealed (ciphertexts are BLOBs), only unchained records chained.
+        Returns how many plaintext values were sealed."""
+        columns = set(self.db["audit"].columns_dict)
+        for name in ("prev", "hash"):
+            if name not in columns:
+                self.db.execute(f"ALTER TABLE audit ADD COLUMN {name} TEXT")
+        sealed = self._seal_plaintext()
+        self._chain_unchained()
+        return sealed
+
+    def _seal_plaintext(self) -> int:
+        self.db.execute("PRAGMA secure_delete=ON")  # freed plaintext cells are zeroed, not just unlinked
+        sealed = 0
+        for table, (pk, originals) in ENCRYPTED.items():
+            for column in originals:
+                rows = self.db.execute(f"SELECT {pk}, {column} FROM {table} WHERE typeof({column}) = 'text'").fetchall()
+                for key, value in rows:
+                    self.db.execute(f"UPDATE {table} SET {column} = ? WHERE {pk} = ?",
+                                    [self._seal(table, column, key, value), key])
+                sealed += len(rows)
+        self.db.execute("PRAGMA secure_delete=OFF")
+        return sealed
+
+    def _chain_unchained(self) -> None:
+        prev = chain.GENESIS
+        for record_id, when, event, detail, digest in self.db.execute(
+                "SELECT id, time, event, detail, hash FROM audit ORDER BY id").fetchall():
+            if digest is None:
+                digest = chain.chain_hash(prev, record_id, when, event, detail)
+                self.db.execute("UPDATE audit SET prev = ?, hash = ? WHERE id = ?", [prev, digest, record_id])
+            prev = digest
+
+    def _scrub(self) -> None:
+        """After sealing plaintext: rewrite the file and empty the WAL so no old page keeps an original."""
+        try:
+            with self._lock:
+                self.db.execute("VACUUM")
+                self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.OperationalError as exc:  # another process holds the database: its next checkpoint will do
+            log.get("store").warning("store_scrub_deferred", reason=str(exc))
+
     def _tx(self) -> Any:
-        return _Transaction(self.db.conn)
+        return _Transaction(self.db.conn, self._committed, self._unsent.clear)
+
+    def _committed(self) -> None:
+        records, self._unsent[:] = list(self._unsent), []
+        if self._sinks and records:
+            chain.emit(self._sinks, records)
+
+    # -- sealing --------------------------------------------------------------------------------
+
+    @staticmethod
+    def _context(table: str, column: str, key: str) -> bytes:
+        """AES-GCM associated data: the value belongs to this table, column and row, nowhere else."""
+        return f"telenode-mapping\x00{table}\x00{column}\x00{key}".encode("utf-8")
+
+    def _seal(self, table: str, column: str, key: str, value: str | None) -> bytes | None:
+        """An original as stored: encrypted, or NULL when empty."""
+        if value is None or value == "":
+            return None
+        return self.ring.encrypt(value, self._context(table, column, key))
+
+    def _open(self, table: str, column: str, key: str, stored: Any) -> str:
+        if stored is None:
+            return ""
+        if isinstance(stored, str):  # never written by this version; tolerated, not produced
+            return stored
+        return self.ring.decrypt(bytes(stored), self._context(table, column, key))
 
     @contextlib.contextmanager
     def batch(self) -> Iterator[None]:
@@ -117,6 +226,8 @@ class Store:
     def close(self) -> None:
         with self._lock:
             self.db.conn.close()
+            for sink in self._sinks:
+                sink.close()
 
     # -- mappings -------------------------------------------------------------------------------
 
@@ -161,33 +272,41 @@ class Store:
     def _mapping(self, record: DeidRecord, *, source: str, calling_aet: str, priority: int) -> None:
         now = _iso(_now())
         db = self.db
+        self.ring.refresh(strict=True)  # inside the write transaction: a rotation that renamed the ring file is seen here
+        patient, study = record.pseudo_patient_id, record.pseudo_study_instance_uid
+        seal = self._seal
         db.execute(
             "INSERT INTO patients VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(pseudo_patient_id) DO UPDATE SET "
-            "last_seen = excluded.last_seen, patient_name = COALESCE(NULLIF(excluded.patient_name, ''), patient_name), "
-            "patient_birth_date = COALESCE(NULLIF(excluded.patient_birth_date, ''), patient_birth_date)",
-            [record.pseudo_patient_id, record.patient_id, record.issuer_of_patient_id, record.patient_name,
-             record.pseudo_patient_name, record.patient_birth_date, now, now],
+            "last_seen = excluded.last_seen, patient_name = COALESCE(excluded.patient_name, patient_name), "
+            "patient_birth_date = COALESCE(excluded.patient_birth_date, patient_birth_date)",
+            [patient, seal("patients", "patient_id", patient, record.patient_id),
+             seal("patients", "issuer_of_patient_id", patient, record.issuer_of_patient_id),
+             seal("patients", "patient_name", patient, record.patient_name), record.pseudo_patient_name,
+             seal("patients", "patient_birth_date", patient, record.patient_birth_date), now, now],
         )
         db.execute(
             "INSERT INTO studies VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(pseudo_study_instance_uid) DO UPDATE SET "
-            "priority = MAX(priority, excluded.priority), accession_number = COALESCE(NULLIF(excluded.accession_number, ''), "
+            "priority = MAX(priority, excluded.priority), accession_number = COALESCE(excluded.accession_number, "
             "accession_number), pseudo_accession_number = COALESCE(NULLIF(excluded.pseudo_accession_number, ''), "
             "pseudo_accession_number)",
-            [record.pseudo_study_instance_uid, record.study_instance_uid, record.accession_number,
-             record.pseudo_accession_number, record.study_date, record.pseudo_patient_id, calling_aet, now, priority],
+            [study, seal("studies", "study_instance_uid", study, record.study_instance_uid),
+             seal("studies", "accession_number", study, record.accession_number), record.pseudo_accession_number,
+             seal("studies", "study_date", study, record.study_date), patient, calling_aet, now, priority],
         )
+        series = record.pseudo_series_instance_uid
         db.execute(
             "INSERT OR IGNORE INTO series VALUES (?, ?, ?, ?)",
-            [record.pseudo_series_instance_uid, record.series_instance_uid, record.modality,
-             record.pseudo_study_instance_uid],
+            [series, seal("series", "series_instance_uid", series, record.series_instance_uid), record.modality,
+             study],
         )
+        sop = record.pseudo_sop_instance_uid
         db.execute(
             "INSERT OR REPLACE INTO instances VALUES (?, ?, ?, ?, ?, ?, ?)",
-            [record.pseudo_sop_instance_uid, record.sop_instance_uid, record.sop_class_uid,
-             record.pseudo_series_instance_uid, calling_aet, now, source],
+            [sop, seal("instances", "sop_instance_uid", sop, record.sop_instance_uid), record.sop_class_uid,
+             series, calling_aet, now, source],
         )
         db.conn.executemany("INSERT OR IGNORE INTO uids VALUES (?, ?)",
-                            [(new, old) for old, new in record.uid_map.items()])
+                            [(new, seal("uids", "original_uid", new, old)) for old, new in record.uid_map.items()])
         self._audit("deidentified", {
             "source": source, "calling_aet": calling_aet, "patient_id": record.pseudo_patient_id,
             "study_instance_uid": record.pseudo_study_instance_uid,
@@ -203,8 +322,68 @@ class Store:
                 cursor = self.db.execute(query, [value])
                 row = cursor.fetchone()
                 if row is not None:
-                    return dict(zip([d[0] for d in cursor.description], row))
+                    return self._opened(dict(zip([d[0] for d in cursor.description], row)))
         return None
+
+    def _opened(self, row: dict[str, Any]) -> dict[str, Any]:
+        """A lookup row with its originals decrypted (each checked against the row it was sealed for)."""
+        for column, (table, pk) in _SEALED_BY.items():
+            if column in row:
+                row[column] = self._open(table, column, row[pk], row[column])
+        return row
+
+    # -- mapping keys ---------------------------------------------------------------------------
+
+    def key_usage(self) -> dict[str, int]:
+        """How many stored originals each mapping key id (hex) encrypts."""
+        usage: dict[str, int] = {}
+        with self._lock:
+            for table, (_, originals) in ENCRYPTED.items():
+                for column in originals:
+                    for kid, count in self.db.execute(
+                            f"SELECT hex(substr({column}, 2, 4)), COUNT(*) FROM {table} "
+                            f"WHERE typeof({column}) = 'blob' GROUP BY 1").fetchall():
+                        usage[kid.lower()] = usage.get(kid.lower(), 0) + count
+        return usage
+
+    def rotate_mapping_key(self, batch: int = 500) -> dict[str, Any]:
+        """Put a new mapping key first in the ring, re-encrypt every original under it in short
+        transactions (the node keeps writing in between), then drop the keys no row uses any more.
+
+        Crash-safe at every step: the ring file is replaced atomically and always holds every key a
+        committed row uses; running it again finishes an interrupted rotation (under yet another key)."""
+        with rotation_lock(self.ring.path):
+            active = self.ring.add_key()
+            moved = self._reencrypt(batch)
+            with self._lock, self._tx():  # no writer can commit under an old key while the ring shrinks
+                in_use = {int(kid, 16) for kid in self.key_usage()}
+                retired = self.ring.retire(in_use)
+        return {"active": f"{active:08x}", "reencrypted": moved, "retired": [f"{k:08x}" for k in retired]}
+
+    def _reencrypt(self, batch: int) -> int:
+        """Re-seal, `batch` rows per transaction, every original not under the active key; until none is left."""
+        moved = 0
+        while True:
+            done = 0
+            for table, (pk, originals) in ENCRYPTED.items():
+                for column in originals:
+                    done += self._reencrypt_batch(table, pk, column, batch)
+            moved += done
+            if done == 0:
+                return moved
+
+    def _reencrypt_batch(self, table: str, pk: str, column: str, batch: int) -> int:
+        with self._lock, self._tx():
+            self.ring.refresh(strict=True)
+            header = bytes([1]) + self.ring.active_id.to_bytes(4, "big")
+            rows = self.db.execute(
+                f"SELECT {pk}, {column} FROM {table} WHERE typeof({column}) = 'blob' AND substr({column}, 1, 5) != ? "
+                f"LIMIT ?", [header, batch]).fetchall()
+            for key, stored in rows:
+                value = self._open(table, column, key, stored)
+                self.db.execute(f"UPDATE {table} SET {column} = ? WHERE {pk} = ?",
+                                [self._seal(table, column, key, value), key])
+        return len(rows)
 
     # -- audit ----------------------------------------------------------------------------------
 
@@ -214,8 +393,37 @@ class Store:
             self._audit(event, detail)
 
     def _audit(self, event: str, detail: dict[str, Any]) -> None:
-        self.db.execute("INSERT INTO audit (time, event, detail) VALUES (?, ?, ?)",
-                        [_iso(_now()), event, json.dumps(detail, sort_keys=True)])
+        """Append one chained record; the chain head is read inside this write transaction (several
+        processes write the same trail), never cached."""
+        assert self.db.conn.in_transaction, "audit records are chained inside a write transaction"
+        head = self.db.execute("SELECT id, hash FROM audit ORDER BY id DESC LIMIT 1").fetchone()
+        record_id, prev = (head[0] + 1, head[1] or chain.GENESIS) if head else (1, chain.GENESIS)
+        when, text = _iso(_now()), json.dumps(detail, sort_keys=True)
+        digest = chain.chain_hash(prev, record_id, when, event, text)
+        self.db.execute("INSERT INTO audit (id, time, event, detail, prev, hash) VALUES (?, ?, ?, ?, ?, ?)",
+                        [record_id, when, event, text, prev, digest])
+        if self._sinks:
+            self._unsent.append({"id": record_id, "time": when, "event": event, "detail": detail,
+                                 "prev": prev, "hash": digest})
+
+    def audit_log(self, event: str | None = None, limit: int | None = None) -> list[dict[str, Any]]:
+        """The last `limit` records (all by default), oldest first, as {id, time, event, detail, hash}."""
+        with self._lock:
+            rows = self.db.execute(
+                "SELECT id, time, event, detail, hash FROM audit WHERE ? IS NULL OR event = ? ORDER BY id DESC "
+                "LIMIT ?", [event, event, -1 if limit is None else limit]).fetchall()
+        return [{"id": r[0], "time": r[1], "event": r[2], "detail": json.loads(r[3]), "hash": r[4]}
+                for r in reversed(rows)]
+
+    def verify_audit(self) -> chain.Verdict:
+        """Walk the hash chain from the first record; the first broken link or edited record, if any."""
+        with self._lock:
+            rows = self.db.execute("SELECT id, time, event, detail, prev, hash FROM audit ORDER BY id")
+            return chain.verify(rows, self._audit_id_of)
+
+    def _audit_id_of(self, digest: str) -> int | None:
+        row = self.db.execute("SELECT id FROM audit WHERE hash = ? LIMIT 1", [digest]).fetchone()
+        return row[0] if row else None
 
     def audit_records(self, event: str | None = None) -> list[dict[str, Any]]:
         with self._lock:
@@ -390,11 +598,13 @@ def empty_status() -> dict[str, Any]:
 
 
 class _Transaction:
-    """BEGIN IMMEDIATE … COMMIT (ROLLBACK on error) on an autocommit connection; re-entrant."""
+    """BEGIN IMMEDIATE … COMMIT (ROLLBACK on error) on an autocommit connection; re-entrant.
+    The outermost one calls `on_commit` after COMMIT returned, `on_rollback` after ROLLBACK."""
 
-    def __init__(self, conn: sqlite3.Connection) -> None:
+    def __init__(self, conn: sqlite3.Connection, on_commit: Any = None, on_rollback: Any = None) -> None:
         self.conn = conn
         self.outer = False
+        self.on_commit, self.on_rollback = on_commit, on_rollback
 
     def __enter__(self) -> None:
         self.outer = not self.conn.in_transaction
@@ -404,7 +614,21 @@ class _Transaction:
     def __exit__(self, kind: Any, *_: Any) -> None:
         if not self.outer:
             return
-        self.conn.execute("ROLLBACK" if kind else "COMMIT")
+        if kind:
+            self.conn.execute("ROLLBACK")
+            if self.on_rollback:
+                self.on_rollback()
+            return
+        try:
+            self.conn.execute("COMMIT")
+        except BaseException:
+            if self.conn.in_transaction:
+                self.conn.execute("ROLLBACK")
+            if self.on_rollback:
+                self.on_rollback()
+            raise
+        if self.on_commit:
+            self.on_commit()
 
 
 _PATIENT_COLUMNS = ("p.patient_id, p.issuer_of_patient_id, p.patient_name, p.patient_birth_date, "

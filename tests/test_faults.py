@@ -36,6 +36,7 @@ from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, _config, evt
 from pynetdicom.sop_class import CTImageStorage, MRImageStorage
 
 from conftest import PEER_ENV, REPO, StoreSCP, dcmtk, echo, free_port, storescu, wait_for
+from node.store import Store
 from studies import make_study
 
 # -- peers ------------------------------------------------------------------------------------
@@ -201,23 +202,23 @@ def events(node: Any, name: str) -> list[dict[str, Any]]:
     return found
 
 
-def _pairs(node: Any, sql: str) -> dict[str, str]:
-    """Two-column rows of the node's mapping store as a dict (read-only connection)."""
-    conn = sqlite3.connect(f"file:{node.folder / 'var' / 'telenode.sqlite'}?mode=ro", uri=True, timeout=30)
+def _originals(node: Any, sql: str, field: str) -> dict[str, str]:
+    """Pseudonym → original, decrypted through the node's mapping store (originals are encrypted at rest)."""
+    store = Store(node.folder / "var" / "telenode.sqlite", node.folder / "var" / "mapping.key")
     try:
-        return dict(conn.execute(sql).fetchall())
+        return {pseudo: store.lookup(pseudo)[field] for (pseudo,) in store.db.execute(sql).fetchall()}
     finally:
-        conn.close()
+        store.close()
 
 
 def mapping(node: Any) -> dict[str, str]:
     """Pseudonymous → original SOP Instance UID, read from the node's mapping store."""
-    return _pairs(node, "SELECT pseudo_sop_instance_uid, sop_instance_uid FROM instances")
+    return _originals(node, "SELECT pseudo_sop_instance_uid FROM instances", "sop_instance_uid")
 
 
 def studies(node: Any) -> dict[str, str]:
     """Pseudonymous → original Study Instance UID, read from the node's mapping store."""
-    return _pairs(node, "SELECT pseudo_study_instance_uid, study_instance_uid FROM studies")
+    return _originals(node, "SELECT pseudo_study_instance_uid FROM studies", "study_instance_uid")
 
 
 def queue_rows(node: Any, destination: str = "remote0") -> list[dict[str, Any]]:

@@ -80,3 +80,24 @@ def test_bad_key_file_is_refused_without_echoing_it(tmp_path):
 def test_repr_does_not_show_the_key():
     """A pseudonymizer printed in a traceback shows no key material."""
     assert KEY.hex() not in repr(Pseudonymizer(KEY, "ORG")) and str(KEY) not in repr(Pseudonymizer(KEY, "ORG"))
+
+
+def test_key_file_readable_by_group_or_others_is_refused(tmp_path):
+    """A pseudonym key that group or others can read is refused with `chmod 600` advice, not used."""
+    path = tmp_path / "pseudonym.key"
+    load_or_create_key(path)
+    os.chmod(path, 0o644)
+    with pytest.raises(KeyFileError, match="chmod 600") as caught:
+        load_or_create_key(path)
+    assert path.read_text().strip() not in str(caught.value)
+
+
+def test_key_created_by_racing_processes_is_one_key(tmp_path):
+    """Several processes creating the key at once all end up with the same, whole key (atomic link)."""
+    import multiprocessing
+
+    path = tmp_path / "pseudonym.key"
+    with multiprocessing.get_context("fork").Pool(4) as pool:
+        keys = pool.map(load_or_create_key, [path] * 8)
+    assert len(set(keys)) == 1 and len(keys[0]) == 32
+    assert [p.name for p in tmp_path.iterdir()] == ["pseudonym.key"]  # no temporary file left behind

@@ -73,7 +73,7 @@ def store(tmp_path: Path):
 
 def test_schema_version_and_wal(store):
     """A new database carries PRAGMA user_version == SCHEMA_VERSION and runs in WAL mode."""
-    assert store.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+    assert store.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
     assert store.db.execute("PRAGMA journal_mode").fetchone()[0].lower() == "wal"
     tables = set(store.db.table_names())
     assert {"patients", "studies", "series", "instances", "uids", "queue", "audit", "destinations"} <= tables
@@ -733,7 +733,7 @@ def test_empty_status_shape(store):
 
 
 def test_migration_from_v1(tmp_path):
-    """A v1 database (no destinations table, user_version 1) is migrated to v2 on open, its data intact."""
+    """A v1 database (no destinations table, user_version 1) is migrated to the current schema on open, its data intact."""
     path = tmp_path / "telenode.sqlite"
     old = Store(path)
     record = make_record()
@@ -753,7 +753,7 @@ def test_migration_from_v1(tmp_path):
 
     new = Store(path)
     try:
-        assert new.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+        assert new.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
         assert "destinations" in new.db.table_names()
         assert set(new.db["destinations"].columns_dict) == {"name", "paused", "last_error", "error_time", "updated"}
         assert rows(new) == before_queue

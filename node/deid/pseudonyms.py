@@ -17,32 +17,30 @@ import secrets
 from functools import lru_cache
 from pathlib import Path
 
+from node.keys import KeyFileError, check_private, write_private
+
 KEY_BYTES = 32
 
 #: Date shift range for the Modified Dates option: 1 to 3650 days into the past.
 MAX_OFFSET_DAYS = 3650
 
 
-class KeyFileError(ValueError):
-    """The key file exists but cannot be used; the message never quotes its content."""
+__all__ = ["KeyFileError", "Pseudonymizer", "load_or_create_key", "patient_key"]
 
 
 def load_or_create_key(path: str | os.PathLike[str]) -> bytes:
-    """Read the hex key at `path`, or create one (mode 0600) if the file does not exist."""
+    """Read the hex key at `path`, or create one (mode 0600) if the file does not exist.
+
+    A key file that group or others can read or write is refused (KeyFileError naming `chmod 600`).
+    Creation is atomic: a process starting at the same time reads the whole key or creates its own
+    first, never half a file.
+    """
     path = Path(path)
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
-        try:
-            fd = os.open(path, flags, 0o600)
-        except FileExistsError:  # another process created it first: use theirs
-            return load_or_create_key(path)
-        with os.fdopen(fd, "w") as handle:
-            handle.write(secrets.token_hex(KEY_BYTES) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
+        write_private(path, secrets.token_hex(KEY_BYTES) + "\n", exclusive=True)  # False: another process won
     if path.is_dir():
         raise KeyFileError("is a directory, not a key file")
+    check_private(path)
     text = path.read_text(encoding="ascii", errors="replace").strip()
     try:
         key = bytes.fromhex(text)
