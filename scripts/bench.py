@@ -1,202 +1,156 @@
 #!/usr/bin/env python3
-"""Benchmark: telenode end to end against the DCMTK ceiling, and the per-instance cost of its steps.
+"""Benchmark: telenode end to end against DCMTK, a bare pynetdicom SCP and Orthanc.
 
-Generates a deterministic synthetic CT series (512×512×16 bit, identifying
-attributes, GE private groups, nested sequences), then measures, each run
-repeated and reported as median (min–max):
+Generates a deterministic synthetic corpus (a CT series of 512×512×16 bit images and an MR series
+of 256×256×16 bit, with identifying attributes, private tags and nested sequences; one large
+multi-frame instance), then measures, each repeated and reported as median (min–max):
 
 * ceiling: DCMTK storescu → DCMTK storescp directly;
-* telenode: storescu → telenode → storescp, timed until the last instance has
-  arrived at the remote; peak RSS of the telenode process;
-* in-process costs per instance: parse, de-identify, leak guard, encode;
-* memory: peak RSS of telenode while proxying one large multi-frame instance.
+* Python receive ceiling: storescu → a bare pynetdicom Storage SCP that writes what it receives;
+* telenode: storescu → telenode → storescp, until the last instance has arrived at the remote,
+  with the default workers = "auto", with workers = 1, and with two storescu senders at once
+  (each half of the corpus); peak RSS of the node's process tree;
+* Orthanc (if installed) auto-forwarding to the same storescp from a Lua OnStoredInstance script:
+  (a) forward only, (b) anonymize (REST) then forward;
+* the large instance: DCMTK ceiling and telenode, with the node's peak RSS;
+* in process, per CT header: parse, de-identify, leak guard, encode.
 
-    python3 scripts/bench.py [--instances 500] [--repeat 3] [--large-mb 1024] [--quick]
+    python3 scripts/bench.py [--ct 500] [--mr 150] [--repeat 3] [--large-mib 1024] [--work-dir DIR]
+                              [--keep-logs DIR] [--quick]
 
-Prints one table and exits. DCMTK must be installed (apt-get install dcmtk).
+Needs DCMTK (apt-get install dcmtk) and, for the Orthanc rows, Orthanc (apt-get install orthanc;
+its rows say "skipped" otherwise). Installs nothing. The work dir must be on a real disk, not
+tmpfs: the node fsyncs. Prints one table and exits (1 if a row failed).
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import io
 import os
+import platform
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
-import pydicom
-from pydicom.data import get_testdata_file
-from pydicom.dataset import Dataset
-from pydicom.sequence import Sequence
-from pydicom.uid import generate_uid
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-ENV = dict(os.environ, TCP_NODELAY="1")
+import bench_corpus  # noqa: E402
+import bench_peers as peers  # noqa: E402
+from bench_peers import BenchError, Orthanc, PyScp, Remote, Telenode  # noqa: E402
 
-
-def dcmtk(tool: str) -> str:
-    for candidate in (f"/usr/bin/{tool}", shutil.which(tool) or ""):
-        if candidate and os.access(candidate, os.X_OK):
-            banner = subprocess.run([candidate, "--version"], capture_output=True, text=True).stdout
-            if "dcmtk" in banner.lower():
-                return candidate
-    raise SystemExit(f"DCMTK {tool} not found: apt-get install dcmtk")
+SKIPPED_ORTHANC = "skipped: orthanc not installed (apt-get install orthanc)"
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+# --- environment -------------------------------------------------------------------------------------
+
+def mount_of(path: Path) -> tuple[str, str, str]:
+    """(device, file system type, mount point) holding `path`."""
+    best = ("?", "?", "")
+    path_str = str(path.resolve())
+    with open("/proc/mounts") as handle:
+        for line in handle:
+            device, point, fstype = line.split()[:3]
+            if (path_str == point or path_str.startswith(point.rstrip("/") + "/")) and len(point) >= len(best[2]):
+                best = (device, fstype, point)
+    return best
 
 
-def wait(condition, timeout: float = 600.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise SystemExit("timed out")
-        time.sleep(0.01)
+def disk_kind(device: str) -> str:
+    name = Path(device).name
+    for candidate in (name, name.rstrip("0123456789"), name.rsplit("p", 1)[0]):
+        flag = Path(f"/sys/block/{candidate}/queue/rotational")
+        if flag.exists():
+            return f"/sys rotational={flag.read_text().strip()}"
+    return "rotational unknown"
 
 
-def large_instance(folder: Path, megabytes: int) -> Path:
-    """One multi-frame 512×512×16 bit instance of about `megabytes` MB, written frame by frame."""
-    folder.mkdir(parents=True, exist_ok=True)
-    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
-    frames = max(1, megabytes * 1_000_000 // (512 * 512 * 2))
-    ds.Rows = ds.Columns = 512
-    ds.NumberOfFrames = frames
-    ds.PatientName, ds.PatientID = "LARGE^PATIENT", "MRN-LARGE-1"
-    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid(entropy_srcs=["bench-large"])
-    for tag in [t for t in ds.keys() if t >= 0x7FE00010]:  # Pixel Data is appended last, below
-        del ds[tag]
-    path = folder / "LARGE.dcm"
-    ds.save_as(path, enforce_file_format=True)
-    frame = bytes(range(256)) * (512 * 512 * 2 // 256)
-    with open(path, "ab") as handle:  # Pixel Data (7FE0,0010) OW, appended without holding it in memory
-        handle.write(b"\xe0\x7f\x10\x00OW\x00\x00" + (len(frame) * frames).to_bytes(4, "little"))
-        for _ in range(frames):
-            handle.write(frame)
-    return path
+def machine_line(work: Path) -> str:
+    import pydicom
+    import pynetdicom
+
+    cpu = "?"
+    with open("/proc/cpuinfo") as handle:
+        for line in handle:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    device, fstype, _ = mount_of(work)
+    banner = subprocess.run([peers.dcmtk("storescu"), "--version"], capture_output=True, text=True).stdout
+    dcmtk_version = next((w.lstrip("v") for w in banner.split() if w.startswith("v3.")), "?")
+    return (f"machine: {cpu}, {os.cpu_count()} cores; data dir {work} on {device} ({fstype}, {disk_kind(device)}); "
+            f"Python {platform.python_version()}, pynetdicom {pynetdicom.__version__}, pydicom {pydicom.__version__}, "
+            f"DCMTK {dcmtk_version}, Orthanc {peers.orthanc_version()}")
 
 
-def corpus(folder: Path, count: int) -> list[Path]:
-    """`count` CT instances of 512×512×16 bit in one study, seeded so every run is identical."""
-    folder.mkdir(parents=True, exist_ok=True)
-    template = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
-    template.Rows = template.Columns = 512
-    template.PatientName, template.PatientID = "BENCHMARK^PATIENT^Q", "MRN-000123456"
-    template.AccessionNumber, template.InstitutionName = "ACC0001234", "Benchmark General Hospital"
-    template.ReferringPhysicianName, template.StudyDescription = "REFERRER^DOCTOR", "CT CHEST BENCHMARK"
-    request = Dataset()
-    request.AccessionNumber = template.AccessionNumber
-    request.RequestedProcedureID = "RP0001"
-    template.RequestAttributesSequence = Sequence([request])
-    study = generate_uid(entropy_srcs=["bench-study"])
-    series = generate_uid(entropy_srcs=["bench-series"])
-    pixels = bytes(range(256)) * (512 * 512 * 2 // 256)
-    files = []
-    for index in range(count):
-        ds = copy.deepcopy(template)
-        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
-        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid(entropy_srcs=[f"bench-{index}"])
-        ds.InstanceNumber = index + 1
-        ds.PixelData = pixels
-        path = folder / f"CT{index:05d}.dcm"
-        ds.save_as(path, enforce_file_format=True)
-        files.append(path)
-    return files
+# --- one run of each path ------------------------------------------------------------------------
+
+Result = tuple[float, tuple[float, float, int] | None]  # seconds, (max MB, sum MB, processes) or None
 
 
-class Remote:
-    """DCMTK storescp writing into a folder; counts what arrived."""
-
-    def __init__(self, folder: Path) -> None:
-        self.folder, self.port = folder, free_port()
-        folder.mkdir(parents=True)
-        self.proc = subprocess.Popen([dcmtk("storescp"), "-aet", "TELERAD", "-od", str(folder), str(self.port)],
-                                     env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(0.3)
-
-    def count(self) -> int:
-        return sum(1 for _ in self.folder.iterdir())
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait()
-
-
-def send(port: int, called: str, folder: Path) -> None:
-    subprocess.run([dcmtk("storescu"), "-aec", called, "+sd", "127.0.0.1", str(port), str(folder)],
-                   env=ENV, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-
-def ceiling(work: Path, data: Path, count: int) -> float:
-    remote = Remote(work / "ceiling")
-    started = time.perf_counter()
-    send(remote.port, "TELERAD", data)
-    wait(lambda: remote.count() >= count)
-    elapsed = time.perf_counter() - started
-    remote.stop()
-    return elapsed
-
-
-def peak_rss_kb(pid: int) -> int:
+def run_ceiling(run: Path, folders: list[Path], expected: int, marker: bool = False) -> Result:
+    remote = Remote(run / "remote", marker=marker)
     try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
+        seconds = peers.send(remote.port, peers.REMOTE_AET, folders, remote.count, expected, [remote.proc], run,
+                             stall=600)
+    finally:
+        remote.stop()
+    return seconds, None
 
 
-def telenode(work: Path, data: Path, count: int) -> tuple[float, int]:
-    remote = Remote(work / "remote")
-    port = free_port()
-    config = work / "telenode.toml"
-    config.write_text(f"""[node]
-port = {port}
-host = "127.0.0.1"
-data_dir = "var"
-log_format = "json"
-log_level = "warning"
-[anonymization]
-key_file = "var/pseudonym.key"
-[[destinations]]
-name = "remote"
-ae_title = "TELERAD"
-host = "127.0.0.1"
-port = {remote.port}
-""")
-    node = subprocess.Popen([sys.executable, "-m", "node", "serve", "--config", str(config)], cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=open(work / "node.log", "wb"))
+def run_pyscp(run: Path, folders: list[Path], expected: int) -> Result:
+    scp = PyScp(run / "received")
+    try:
+        seconds = peers.send(scp.port, "PYSCP", folders, scp.count, expected, [scp.proc], run)
+    finally:
+        peak = scp.stop()
+    return seconds, peak
 
-    def listening() -> bool:
-        with socket.socket() as sock:
-            return sock.connect_ex(("127.0.0.1", port)) == 0
 
-    wait(listening, 30)
-    started = time.perf_counter()
-    send(port, "TELENODE", data)
-    wait(lambda: remote.count() >= count)
-    elapsed = time.perf_counter() - started
-    rss = peak_rss_kb(node.pid)
-    node.send_signal(signal.SIGTERM)
-    node.wait(60)
-    remote.stop()
-    return elapsed, rss
+def run_telenode(run: Path, folders: list[Path], expected: int, workers: int | None = None,
+                 marker: bool = False) -> Result:
+    remote = Remote(run / "remote", marker=marker)
+    node = None
+    try:
+        node = Telenode(run, remote.port, workers)
+        seconds = peers.send(node.port, "TELENODE", folders, remote.count, expected, [node.proc, remote.proc], run,
+                             stall=600)
+    except BenchError as exc:
+        log = run / "node.log"
+        raise BenchError(f"{exc}{peers._tail(log)}") from None
+    finally:
+        peak = node.stop() if node else None
+        remote.stop()
+    return seconds, peak
 
+
+def run_orthanc(run: Path, folders: list[Path], expected: int, anonymize: bool) -> Result:
+    remote = Remote(run / "remote")
+    orthanc = None
+    try:
+        orthanc = Orthanc(run, remote.port, anonymize)
+        seconds = peers.send(orthanc.port, "ORTHANC", folders, remote.count, expected, [orthanc.proc, remote.proc],
+                             run)
+    except BenchError as exc:
+        raise BenchError(f"{exc}{peers._tail(run / 'orthanc.log')}") from None
+    finally:
+        peak = orthanc.stop() if orthanc else None
+        remote.stop()
+    return seconds, peak
+
+
+# --- in process ----------------------------------------------------------------------------------
 
 def steps(files: list[Path]) -> dict[str, list[float]]:
-    """Per-instance milliseconds of parse, de-identify, leak guard and encode, in this process."""
+    """Per-instance milliseconds of parse, de-identify, leak guard and encode, in this process.
+    Also checks the corpus: every instance de-identifies and passes the leak guard."""
     from node.deid import Deidentifier, Pseudonymizer
     from node.deid.guard import Guard
     from node.pipeline import read
@@ -209,60 +163,197 @@ def steps(files: list[Path]) -> dict[str, list[float]]:
         t1 = time.perf_counter()
         record = deid.apply(ds)
         t2 = time.perf_counter()
-        assert guard.check(ds, record) is None
+        problem = guard.check(ds, record)
         t3 = time.perf_counter()
+        if problem is not None:
+            raise SystemExit(f"corpus problem: the leak guard refuses {path.name}: {problem}")
         ds.save_as(io.BytesIO(), enforce_file_format=True)
         t4 = time.perf_counter()
         for name, value in zip(times, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
-            value_ms = value * 1000
-            times[name].append(value_ms)
+            times[name].append(value * 1000)
     return times
 
 
-def summary(values: list[float]) -> str:
-    return f"{statistics.median(values):8.2f} ({min(values):.2f}–{max(values):.2f})"
+# --- the table -----------------------------------------------------------------------------------
+
+def spread(values: list[float], fmt: str = "{:.2f}") -> str:
+    return f"{fmt.format(statistics.median(values))} ({fmt.format(min(values))}–{fmt.format(max(values))})"
+
+
+def rss_text(peaks: list[tuple[float, float, int]]) -> str:
+    if not peaks:
+        return ""
+    top = max(peaks, key=lambda p: p[1])
+    if top[2] == 1:
+        return f"{max(p[0] for p in peaks):.0f}"
+    return f"max {max(p[0] for p in peaks):.0f} / sum {top[1]:.0f} ({top[2]} procs)"
+
+
+KEEP_LOGS: Path | None = None  # --keep-logs: each run's logs are copied here before its folder goes
+
+
+class Row:
+    def __init__(self, label: str, action: Callable[[Path], Result] | None, skipped: str = "") -> None:
+        self.label, self.action, self.skipped = label, action, skipped
+        self.seconds: list[float] = []
+        self.peaks: list[tuple[float, float, int]] = []
+        self.error = ""
+
+    def run(self, folder: Path) -> None:
+        if self.action is None or self.error:
+            return
+        os.sync()  # the previous run's writes must not land in this run's fsyncs
+        try:
+            seconds, peak = self.action(folder)
+        except BenchError as exc:
+            self.error = str(exc)
+            print(f"{self.label}: FAILED: {exc}", file=sys.stderr)
+        else:
+            self.seconds.append(seconds)
+            print(f"  {seconds:.2f} s", file=sys.stderr, flush=True)
+            if peak:
+                self.peaks.append(peak)
+        finally:
+            if KEEP_LOGS and folder.exists():
+                for log in folder.rglob("*.log"):
+                    target = KEEP_LOGS / folder.name / log.relative_to(folder)
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy(log, target)
+            shutil.rmtree(folder, ignore_errors=True)
+
+    @property
+    def median(self) -> float | None:
+        return statistics.median(self.seconds) if self.seconds else None
+
+    def line(self, count: int, megabytes: float) -> str:
+        if self.skipped:
+            return f"{self.label:44} {self.skipped}"
+        if self.error or not self.seconds:
+            return f"{self.label:44} FAILED: {self.error.splitlines()[0] if self.error else 'no run'}"
+        med = self.median
+        return (f"{self.label:44} {spread(self.seconds):>22} {count / med:9.1f} {megabytes / med:8.1f}   "
+                f"{rss_text(self.peaks)}")
+
+
+def ratio_line(label: str, numerator: Row, denominator: Row) -> str:
+    for row in (numerator, denominator):
+        if row.skipped:
+            return f"{label:44} {row.skipped}"
+        if row.median is None:
+            return f"{label:44} n/a ({row.label} failed)"
+    value = denominator.median / numerator.median  # throughput ratio = inverse time ratio
+    return f"{label:44} {value:8.2f}   ({numerator.median / denominator.median:.2f}× the time)"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--instances", type=int, default=500)
+    parser.add_argument("--ct", type=int, default=500, help="CT images (512×512×16 bit)")
+    parser.add_argument("--mr", type=int, default=150, help="MR images (256×256×16 bit)")
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--large-mb", type=int, default=1024, help="size of the large instance (0: skip)")
-    parser.add_argument("--quick", action="store_true", help="100 instances, 1 run, 128 MB large instance")
+    parser.add_argument("--large-mib", type=int, default=1024, help="pixel data of the large instance (0: skip)")
+    parser.add_argument("--work-dir", default=tempfile.gettempdir(), help="where the corpus and every peer's "
+                        "data go; must not be tmpfs (default: %(default)s)")
+    parser.add_argument("--keep-logs", metavar="DIR", help="copy every run's logs (node, storescp, storescu, "
+                        "Orthanc) into DIR")
+    parser.add_argument("--quick", action="store_true", help="60 CT + 20 MR, 1 run, 64 MiB large instance")
     args = parser.parse_args(argv)
-    count, repeat = (100, 1) if args.quick else (args.instances, args.repeat)
-    large_mb = min(args.large_mb, 128) if args.quick else args.large_mb
-    with tempfile.TemporaryDirectory(prefix="telenode-bench-") as tmp:
-        root = Path(tmp)
-        data = root / "data"
-        files = corpus(data, count)
+    if args.quick:
+        args.ct, args.mr, args.repeat, args.large_mib = min(args.ct, 60), min(args.mr, 20), 1, min(args.large_mib, 64)
+    work = Path(args.work_dir)
+    global KEEP_LOGS
+    KEEP_LOGS = Path(args.keep_logs).resolve() if args.keep_logs else None
+    device, fstype, _ = mount_of(work)
+    if fstype in ("tmpfs", "ramfs"):
+        raise SystemExit(f"{work} is on {fstype}: pass --work-dir on a real disk (the node fsyncs)")
+    peers.dcmtk("storescu"), peers.dcmtk("storescp"), peers.dcmtk("echoscu")
+    have_orthanc = peers.orthanc_installed()
+    count = args.ct + args.mr
+
+    def interrupted(*_):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupted)
+    root = Path(tempfile.mkdtemp(prefix="telenode-bench-", dir=work))
+    try:
+        data = root / "corpus"
+        ct = bench_corpus.ct_series(data / "ct", args.ct)
+        mr = bench_corpus.mr_series(data / "mr", args.mr)
+        files = ct + mr
         megabytes = sum(p.stat().st_size for p in files) / 1e6
-        ceil, node, rss = [], [], []
-        for run in range(repeat):
-            ceil.append(ceiling(root / f"c{run}", data, count))
-            elapsed, peak = telenode(root / f"t{run}", data, count)
-            node.append(elapsed)
-            rss.append(peak / 1024)
-        per_step = steps(files[: min(count, 200)])
-        large = None
-        if large_mb:
-            big = large_instance(root / "large", large_mb)
-            seconds, peak = telenode(root / "large-run", big.parent, 1)
-            large = (big.stat().st_size / 1e6, seconds, peak / 1024)
-    print(f"corpus: {count} CT instances, 512x512x16 bit, {megabytes:.0f} MB; {repeat} run(s); median (min–max)")
-    print(f"{'':32} {'seconds':>22} {'images/s':>10} {'MB/s':>8}")
-    for name, values in (("DCMTK storescu → storescp", ceil), ("storescu → telenode → storescp", node)):
-        med = statistics.median(values)
-        print(f"{name:32} {summary(values):>22} {count / med:10.0f} {megabytes / med:8.1f}")
-    print(f"{'telenode / ceiling (time)':32} {statistics.median(node) / statistics.median(ceil):8.2f}x")
-    print(f"{'telenode peak RSS (MB)':32} {summary(rss)}")
+        halves = [root / "half0", root / "half1"]  # two senders: alternate files, hard links
+        for index, path in enumerate(files):
+            target = halves[index % 2] / path.parent.name / path.name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.link(path, target)
+        per_step = steps(ct[:200])  # also fails fast if the corpus would be refused
+        auto = os.cpu_count() or 1
+        rows = {
+            "ceiling": Row("DCMTK storescu → storescp (ceiling)", lambda r: run_ceiling(r, [data], count)),
+            "pyscp": Row("storescu → bare pynetdicom SCP", lambda r: run_pyscp(r, [data], count)),
+            "telenode": Row(f"storescu → telenode → storescp (auto: {auto})", lambda r: run_telenode(r, [data], count)),
+            "two": Row("2 storescu → telenode → storescp", lambda r: run_telenode(r, halves, count)),
+            "w1": Row("storescu → telenode (workers = 1) → storescp",
+                      lambda r: run_telenode(r, [data], count, workers=1)),
+            "orthanc_a": Row("storescu → Orthanc (a) forward → storescp",
+                             lambda r: run_orthanc(r, [data], count, anonymize=False),
+                             "" if have_orthanc else SKIPPED_ORTHANC),
+            "orthanc_b": Row("storescu → Orthanc (b) anonymize+forward",
+                             lambda r: run_orthanc(r, [data], count, anonymize=True),
+                             "" if have_orthanc else SKIPPED_ORTHANC),
+        }
+        large_rows: dict[str, Row] = {}
+        large_mb, frames = 0.0, 0
+        if args.large_mib:
+            big, frames = bench_corpus.large_instance(root / "large", args.large_mib)
+            large_mb = big.stat().st_size / 1e6
+            large_rows = {
+                "ceiling": Row("DCMTK storescu → storescp (ceiling)",
+                               lambda r: run_ceiling(r, [big.parent], 1, marker=True)),
+                "telenode": Row(f"storescu → telenode → storescp (auto: {auto})",
+                                lambda r: run_telenode(r, [big.parent], 1, marker=True)),
+            }
+        for run in range(args.repeat):
+            for key, row in rows.items():
+                print(f"run {run + 1}/{args.repeat}: {row.label}", file=sys.stderr, flush=True)
+                row.run(root / f"{key}-{run}")
+            for key, row in large_rows.items():
+                print(f"run {run + 1}/{args.repeat}: large: {row.label}", file=sys.stderr, flush=True)
+                row.run(root / f"large-{key}-{run}")
+        machine = machine_line(root)
+    finally:
+        peers.cleanup()
+        shutil.rmtree(root, ignore_errors=True)
+
+    print(machine)
+    print(f"corpus: {args.ct} CT 512x512x16 bit + {args.mr} MR 256x256x16 bit = {count} instances, "
+          f"{megabytes:.0f} MB; {args.repeat} run(s) each; median (min–max)")
+    print(f"{'':44} {'seconds':>22} {'images/s':>9} {'MB/s':>8}   peak RSS MB (VmHWM)")
+    for row in rows.values():
+        print(row.line(count, megabytes))
+    print("ratios of throughput (images/s), from the medians:")
+    print(ratio_line("  telenode / DCMTK ceiling", rows["telenode"], rows["ceiling"]))
+    print(ratio_line("  telenode / pynetdicom SCP", rows["telenode"], rows["pyscp"]))
+    print(ratio_line("  telenode / Orthanc (a) forward", rows["telenode"], rows["orthanc_a"]))
+    print(ratio_line("  telenode / Orthanc (b) anonymize+forward", rows["telenode"], rows["orthanc_b"]))
+    print(ratio_line("  two senders / one sender (telenode)", rows["two"], rows["telenode"]))
+    print(ratio_line("  workers auto / workers = 1 (telenode)", rows["telenode"], rows["w1"]))
+    if large_rows:
+        print(f"large instance: {large_mb:.0f} MB, {frames} frames 512x512x16 bit, native; "
+              f"peak RSS target < 200 MB")
+        for row in large_rows.values():
+            print(row.line(1, large_mb))
+    else:
+        print("large instance: skipped (--large-mib 0)")
+    print(f"in process, per CT header ({len(per_step['parse'])} instances), ms:")
     for name, values in per_step.items():
-        print(f"{'per instance: ' + name + ' (ms)':32} {summary(values)}")
-    if large:
-        size, seconds, peak = large
-        print(f"{'large instance':32} {size:.0f} MB in {seconds:.1f} s, telenode peak RSS {peak:.0f} MB")
-    return 0
+        print(f"  {name:42} {spread(values):>22}")
+    failed = [r for r in [*rows.values(), *large_rows.values()] if r.error]
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("interrupted; every process started was stopped", file=sys.stderr)
+        sys.exit(130)
