@@ -282,12 +282,16 @@ class Forwarder:
                     wait = self._postpone(rows[index:], "association lost while sending")
                     break
         finally:
-            for path in self.store.mark_sent(sent):
+            with self.store.batch():  # one commit for the queue rows and their audit record
+                done = self.store.mark_sent(sent)
+                if sent:
+                    self.store.audit("forwarded", destination=self.destination.name, count=len(sent),
+                                     sop_instance_uids=uids, tls=self._tls is not None)
+            for path in done:
                 self.spool.remove(path)
         if sent:
-            self.store.audit("forwarded", destination=self.destination.name, count=len(sent),
-                             sop_instance_uids=uids, tls=self._tls is not None)
-            self.log.info("batch_sent", instances=len(sent), contexts=len(contexts), reused=reused)
+            self.log.info("batch_sent", instances=len(sent), contexts=len(contexts), reused=reused,
+                          tls=self._tls is not None)
         return wait
 
     def _not_established(self, assoc: Any) -> str:

@@ -200,6 +200,10 @@ def build_ae(settings: Settings) -> AE:
 class _Server(ThreadedAssociationServer):
     """pynetdicom's threaded server, its socket bound with SO_REUSEPORT: worker processes share the port."""
 
+    # socketserver's default backlog of 5 drops SYNs when a PACS opens a burst of associations
+    # (clients then wait out a retransmission timeout, 1 s and more).
+    request_queue_size = 128
+
     def server_bind(self) -> None:
         self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         super().server_bind()
