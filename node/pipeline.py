@@ -128,6 +128,7 @@ def writer(ds: FileDataset) -> Callable[[BinaryIO], None]:
     the size of the instance.
     """
     pixels = _deferred_pixels(ds)  # before the syntax changes: offsets in a deflated file mean nothing
+    ds.preamble = None  # 128 application bytes (e.g. a TIFF header) we cannot vouch for: written as zeros
     if ds.file_meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
         ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
 

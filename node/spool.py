@@ -1,7 +1,8 @@
 """Durable files: anonymized instances waiting to be forwarded.
 
-A file is written beside its final name under `.tmp/`, flushed and fsynced,
-renamed into place, and its folder fsynced: after `write` returns, the file
+A file is written beside its final name (a hidden `.tmp` name in the same
+folder, created 0600), flushed and fsynced, renamed into place, and its folder
+fsynced — one folder, so one folder fsync covers both entries: after `write` returns, the file
 survives a crash or a power cut, and no reader ever sees half a file. Files
 fan out over 256 folders by pseudonymous SOP Instance UID so no folder grows
 huge. The spool holds only de-identified data; it is still private to the
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import BinaryIO, Callable
 
 Writer = Callable[[BinaryIO], None]
+FAN_OUT = 256
 
 
 def _fsync_dir(path: Path) -> None:
@@ -40,12 +42,11 @@ def atomic_write(target: Path, write: Writer, tmp_dir: Path | None = None) -> in
     tmp_dir = tmp_dir or target.parent
     tmp = tmp_dir / f".{target.name}.{secrets.token_hex(4)}.tmp"
     try:
-        with open(tmp, "xb") as handle:
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as handle:
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
             size = handle.tell()
-        os.chmod(tmp, 0o600)
         os.replace(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -69,19 +70,19 @@ class Spool:
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root)
-        self.tmp = self.root / ".tmp"
-        self.tmp.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(self.root, 0o700)
+        for fan in range(FAN_OUT):  # once here, not a mkdir per instance
+            (self.root / f"{fan:02x}").mkdir(exist_ok=True, mode=0o700)
 
     def path_for(self, sop_instance_uid: str) -> Path:
         """Where the instance with this (pseudonymous) UID lives."""
-        fan = hashlib.sha1(sop_instance_uid.encode("ascii")).hexdigest()[:2]
+        fan = hashlib.sha1(sop_instance_uid.encode("ascii")).hexdigest()[:2]  # FAN_OUT folders
         return self.root / fan / f"{sop_instance_uid}.dcm"
 
     def write(self, target: Path, write: Writer) -> int:
         """Durably write one instance file; returns its size in bytes."""
-        target.parent.mkdir(exist_ok=True, mode=0o700)
-        return atomic_write(target, write, self.tmp)
+        return atomic_write(target, write)
 
     def remove(self, path: str | os.PathLike[str]) -> None:
         """Delete a forwarded instance (already gone is fine)."""
@@ -90,7 +91,7 @@ class Spool:
     def cleanup_tmp(self) -> int:
         """Remove partial files a crash left behind; returns how many."""
         removed = 0
-        for leftover in self.tmp.glob("*.tmp"):
+        for leftover in [*self.root.glob("*/.*.tmp"), *self.root.glob(".tmp/*.tmp")]:  # .tmp/: before 0.2
             leftover.unlink(missing_ok=True)
             removed += 1
         return removed

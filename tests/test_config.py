@@ -153,3 +153,61 @@ def test_serve_exits_2_on_malformed_key_file(tmp_path):
 def test_serve_exits_2_without_destinations(tmp_path):
     result = serve(write(tmp_path, VALID.split("[[destinations]]")[0]))
     assert result.returncode == 2 and "destinations" in result.stderr
+
+
+# -- issue 5/6 keys: workers, TLS, security ------------------------------------------------------
+
+def test_workers_default_to_one_per_core_and_accept_an_integer(tmp_path):
+    import os
+
+    assert config.load(write(tmp_path, VALID)).workers == (os.cpu_count() or 1)
+    text = VALID.replace("[node]\n", "[node]\nworkers = 3\n")
+    assert config.load(write(tmp_path, text)).workers == 3
+    for bad in ("0", '"many"', "true"):
+        with pytest.raises(config.ConfigError, match=r"node\.workers"):
+            config.load(write(tmp_path, VALID.replace("[node]\n", f"[node]\nworkers = {bad}\n")))
+
+
+def test_non_loopback_destination_without_tls_is_a_warning_not_an_error(tmp_path):
+    remote = VALID.replace('host = "127.0.0.1"\nport = 11113', 'host = "pacs.example.org"\nport = 11113')
+    warnings = config.load(write(tmp_path, remote)).warnings
+    assert len(warnings) == 1 and "telerad" in warnings[0] and "TLS is off" in warnings[0]
+    assert config.load(write(tmp_path, VALID)).warnings == ()
+    with_tls = remote + "\n[destinations.tls]\n"
+    loaded = config.load(write(tmp_path, with_tls))
+    assert loaded.warnings == () and loaded.destinations[0].tls is not None
+    assert loaded.destinations[0].tls.verify_hostname and loaded.destinations[0].tls.min_version == "1.2"
+
+
+def test_tls_listener_needs_readable_files_and_a_ca_for_client_certificates(tmp_path):
+    (tmp_path / "node.pem").write_text("x")
+    (tmp_path / "node.key").write_text("x")
+    listener = VALID.replace('allowed_calling_aets = ["CT01"]\n', 'allowed_calling_aets = ["CT01"]\n\n[node.tls]\n'
+                             'port = 2762\ncertificate = "node.pem"\nprivate_key = "node.key"\n')
+    with pytest.raises(config.ConfigError, match=r"node\.tls\.ca_certificates: required"):
+        config.load(write(tmp_path, listener))
+    loaded = config.load(write(tmp_path, listener.replace("port = 2762\n", "port = 2762\nrequire_client_cert = false\n")))
+    assert loaded.tls.port == 2762 and loaded.tls.certificate == tmp_path / "node.pem"
+    with pytest.raises(config.ConfigError, match=r"node\.tls\.certificate: .*missing.pem is not a readable file"):
+        config.load(write(tmp_path, listener.replace('"node.pem"', '"missing.pem"')))
+    with pytest.raises(config.ConfigError, match=r"node\.tls\.min_version"):
+        config.load(write(tmp_path, listener.replace("port = 2762\n", 'port = 2762\nmin_version = "1.0"\n')))
+
+
+def test_destination_client_certificate_and_key_go_together(tmp_path):
+    (tmp_path / "client.pem").write_text("x")
+    text = VALID + '\n[destinations.tls]\ncertificate = "client.pem"\n'
+    with pytest.raises(config.ConfigError, match=r"destinations\[0\]\.tls: certificate and private_key go together"):
+        config.load(write(tmp_path, text))
+
+
+def test_security_section(tmp_path):
+    text = VALID + '\n[security]\noperators = ["alice", "bob"]\naudit_file = "audit/trail.jsonl"\n'
+    loaded = config.load(write(tmp_path, text))
+    assert loaded.operators == ("alice", "bob")
+    assert loaded.audit_file == tmp_path / "audit" / "trail.jsonl"
+    assert loaded.mapping_key == tmp_path / "keys" / "mapping.key"  # beside key_file by default
+    with pytest.raises(config.ConfigError, match=r"security\.operators"):
+        config.load(write(tmp_path, VALID + '\n[security]\noperators = [""]\n'))
+    with pytest.raises(config.ConfigError, match=r"security\.nope: unknown key"):
+        config.load(write(tmp_path, VALID + '\n[security]\nnope = 1\n'))

@@ -583,7 +583,7 @@ def test_free_space_below_min_free_mb_answers_a700_and_keeps_nothing(tmp_path, m
     assert node.proc.poll() is None
 
     spool = node.folder / "var" / "spool"
-    leftovers = [p for p in spool.rglob("*") if p.is_file() or (p.is_dir() and p.name != ".tmp")]
+    leftovers = [p for p in spool.rglob("*") if p.is_file()]
     assert leftovers == [], leftovers
     assert list((node.folder / "var" / "incoming").iterdir()) == []  # no received originals left behind
     row = status(node)["remote0"]

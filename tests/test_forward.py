@@ -206,7 +206,7 @@ def test_all_arrive_at_dcmtk_storescp(harness, make_storescp):
     status = q.store.status()["remote"]
     assert status[PENDING] == 0 and status[FAILED] == 0 and status["oldest_pending_age_s"] is None
     assert not any(q.spooled(uid) for uid in uids)
-    assert list(q.spool.tmp.iterdir()) == []
+    assert list(q.spool.root.rglob("*.dcm")) == [] and list(q.spool.root.rglob(".*.tmp")) == []
 
 
 def test_dimse_priority_follows_queue_priority(harness):

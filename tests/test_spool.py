@@ -94,13 +94,18 @@ def test_atomic_write_failure_keeps_previous_target(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["x.dcm"]
 
 
-def test_spool_root_and_tmp_are_private(tmp_path):
-    """The spool root (created with parents) is 0700 and its .tmp folder is owner-only."""
+def test_spool_root_and_fan_folders_are_private(tmp_path):
+    """The spool root (created with parents) is 0700, and its 256 fan folders exist, owner-only."""
     root = tmp_path / "a" / "b" / "spool"
     Spool(root)
     assert stat.S_IMODE(root.stat().st_mode) == 0o700
-    assert (root / ".tmp").is_dir()
-    assert stat.S_IMODE((root / ".tmp").stat().st_mode) & 0o077 == 0
+    fans = sorted(p.name for p in root.iterdir())
+    assert fans == [f"{n:02x}" for n in range(256)]
+    assert all(stat.S_IMODE((root / f).stat().st_mode) & 0o077 == 0 for f in fans)
+
+
+def _partials(spool: Spool) -> list:
+    return list(spool.root.glob("*/.*.tmp"))
 
 
 def test_spool_root_permissions_tightened_on_existing_folder(tmp_path):
@@ -127,7 +132,7 @@ def test_path_for_is_deterministic_and_fans_out(tmp_path):
 
 
 def test_spool_write_creates_private_fan_folder(tmp_path):
-    """Spool.write creates the fan folder 0700, writes the file 0600 and leaves .tmp empty."""
+    """Spool.write writes the file 0600 in its private fan folder and leaves no partial file."""
     spool = Spool(tmp_path / "spool")
     target = spool.path_for(UID)
     size = spool.write(target, lambda h: h.write(b"\0" * 128 + b"DICM"))
@@ -135,11 +140,11 @@ def test_spool_write_creates_private_fan_folder(tmp_path):
     assert target.read_bytes() == b"\0" * 128 + b"DICM"
     assert stat.S_IMODE(target.parent.stat().st_mode) & 0o077 == 0
     assert stat.S_IMODE(target.stat().st_mode) == 0o600
-    assert list(spool.tmp.iterdir()) == []
+    assert _partials(spool) == []
 
 
 def test_spool_write_failure_leaves_nothing(tmp_path):
-    """A failing writer through Spool.write leaves neither the target nor a partial file in .tmp."""
+    """A failing writer through Spool.write leaves neither the target nor a partial file."""
     spool = Spool(tmp_path / "spool")
     target = spool.path_for(UID)
 
@@ -150,7 +155,7 @@ def test_spool_write_failure_leaves_nothing(tmp_path):
     with pytest.raises(OSError):
         spool.write(target, write)
     assert not target.exists()
-    assert list(spool.tmp.iterdir()) == []
+    assert _partials(spool) == []
 
 
 def test_remove_is_idempotent(tmp_path):
@@ -164,15 +169,18 @@ def test_remove_is_idempotent(tmp_path):
 
 
 def test_cleanup_tmp_removes_leftovers(tmp_path):
-    """cleanup_tmp removes partial files (hidden or not) left in .tmp by a crash and counts them."""
+    """cleanup_tmp removes partial files a crash left beside their targets (and in the .tmp folder of
+    earlier versions) and counts them; complete files stay."""
     spool = Spool(tmp_path / "spool")
     kept = spool.path_for(UID)
     spool.write(kept, lambda h: h.write(b"complete"))
-    (spool.tmp / f".{UID}.dcm.deadbeef.tmp").write_bytes(b"partial")
-    (spool.tmp / f".{UID}.dcm.cafebabe.tmp").write_bytes(b"partial")
-    (spool.tmp / "other.tmp").write_bytes(b"partial")
+    (kept.parent / f".{UID}.dcm.deadbeef.tmp").write_bytes(b"partial")
+    (kept.parent / f".{UID}.dcm.cafebabe.tmp").write_bytes(b"partial")
+    legacy = spool.root / ".tmp"
+    legacy.mkdir()
+    (legacy / "other.tmp").write_bytes(b"partial")
     assert spool.cleanup_tmp() == 3
-    assert list(spool.tmp.iterdir()) == []
+    assert _partials(spool) == [] and list(legacy.iterdir()) == []
     assert kept.read_bytes() == b"complete"
     assert spool.cleanup_tmp() == 0
 
