@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import getpass
+import hashlib
 import json
 import os
 import resource
@@ -238,10 +239,10 @@ def cmd_reidentify(args: argparse.Namespace) -> int:
     _check_keys(settings)
     store = _store(settings)
     try:
-        who = _privileged(args, settings, store, "reidentify", pseudonym=args.value)
+        who = _privileged(args, settings, store, "reidentify", **_asked(settings, args.value, None))
         found = _lookup(store, args.value)
         # Audited (committed) before anything is answered, found or not.
-        store.audit("reidentify", **who, pseudonym=args.value, found=found is not None)
+        store.audit("reidentify", **who, **_asked(settings, args.value, found is not None), found=found is not None)
     finally:
         store.close()
     if found is None:
@@ -249,6 +250,16 @@ def cmd_reidentify(args: argparse.Namespace) -> int:
         return EXIT_UNKNOWN
     print(json.dumps({k: v for k, v in found.items() if v not in (None, "")}, indent=2, sort_keys=True))
     return 0
+
+
+def _asked(settings: config.Settings, value: str, found: bool | None) -> dict[str, str]:
+    """What the audit records of a re-identification request: the value when it is (or, before the
+    lookup, looks like) one of our pseudonyms; otherwise — an original typed by mistake is PHI —
+    only a digest, enough to correlate repeated attempts."""
+    ours = value.startswith((f"{settings.organization}-", "2.25.")) if found is None else found
+    if ours:
+        return {"pseudonym": value}
+    return {"value_sha256": hashlib.sha256(value.encode("utf-8", "replace")).hexdigest()[:16]}
 
 
 def _lookup(store: Store, value: str) -> dict[str, Any] | None:

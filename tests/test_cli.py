@@ -60,6 +60,20 @@ def test_reidentify_is_audited_with_operator_and_reason(tmp_path):
     assert detail["operator"] == "dr.who" and detail["reason"] == "report 42" and detail["pseudonym"] == pseudo
 
 
+def test_an_original_typed_by_mistake_is_not_written_into_the_audit_trail(tmp_path):
+    """reidentify MRN (an original, not a pseudonym): exit 1, and the audit record keeps a digest only."""
+    study = make_study(tmp_path / "in", instances=1, series=1)
+    node = Node(tmp_path / "node", [("TELERAD", free_port())])
+    node.cli("anonymize", str(study.files[0]), "--output", str(tmp_path / "out"), check=True)
+    original = study.phi["PatientID"]
+    result = node.cli("reidentify", original, "--operator", "dr.who", "--reason", "typo")
+    assert result.returncode == 1
+    with sqlite3.connect(node.folder / "var" / "telenode.sqlite") as db:
+        [(detail,)] = db.execute("select detail from audit where event = 'reidentify'").fetchall()
+    assert original not in detail
+    assert json.loads(detail)["found"] is False and len(json.loads(detail)["value_sha256"]) == 16
+
+
 def test_status_lists_every_destination(tmp_path):
     node = Node(tmp_path / "node", [("TELERAD", free_port()), ("CLOUD", free_port())])
     result = node.cli("status", "--json", check=True)
