@@ -8,8 +8,10 @@ Storage SCP with its own pipeline and its own store connection on the same port
 forwarders itself. Receiving and de-identifying are CPU-bound Python, so they get
 the cores; sending runs beside them instead of sharing one interpreter lock.
 
-SQLite (WAL, short transactions) is the only state the processes share; a worker
-tells the supervisor that it queued work through one shared event. A worker dies
+SQLite (WAL, short transactions) is the only state the processes share; each
+worker has one pipe to the supervisor, on which it says that it is ready (or why
+it could not start) and, per instance, that it queued work for the forwarders.
+Pipes need no semaphores, so multiprocessing starts no resource-tracker process. A worker dies
 with its supervisor (PR_SET_PDEATHSIG), so a killed node never leaves a process
 holding the port; a worker that dies alone is restarted. SIGTERM/SIGINT: workers
 stop accepting and finish their C-STOREs, forwarders finish their instance, all
@@ -26,7 +28,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
-from multiprocessing.synchronize import Event as EventType
+from multiprocessing.connection import Connection, wait
 from typing import Any, Callable, Sequence
 
 from node import __version__, config, log
@@ -64,8 +66,7 @@ def run(parts: Parts, stop: threading.Event) -> None:
     quarantine = Quarantine(settings.quarantine_dir)
     forwarders = [Forwarder(d, store, spool, settings.ae_title, quarantine, worker)
                   for d in settings.destinations for worker in range(d.parallel)]
-    queued = _SPAWN.Event()
-    pool = _Workers(parts, queued)
+    pool = _Workers(parts)
     try:
         pool.start()
         for forwarder in forwarders:
@@ -77,8 +78,7 @@ def run(parts: Parts, stop: threading.Event) -> None:
         for warning in settings.warnings:
             logger.warning("config_warning", message=warning)
         while not stop.is_set():
-            if queued.wait(0.2):
-                queued.clear()
+            if pool.poll(0.2):
                 for forwarder in forwarders:
                     forwarder.wake()
             pool.restart_dead()
@@ -112,44 +112,63 @@ def _stop(pool: "_Workers", forwarders: Sequence[Forwarder], deadline: float) ->
 
 
 class _Workers:
-    """The SCP worker processes: start, watch, restart, stop."""
+    """The SCP worker processes: start, listen to, restart, stop."""
 
-    def __init__(self, parts: Parts, queued: EventType) -> None:
+    def __init__(self, parts: Parts) -> None:
         self.parts = parts
-        self.queued = queued
-        self.processes: list[Any] = [None] * parts.settings.workers
-        self.messages = _SPAWN.SimpleQueue()
+        count = parts.settings.workers
+        self.processes: list[Any] = [None] * count
+        self.pipes: list[Connection | None] = [None] * count
+        self.ready = [False] * count
+        self.failure: str | None = None
         self.log = log.get("node")
         self.last_restart = 0.0
 
-    def start(self) -> None:
+    def start(self, timeout: float = 60.0) -> None:
         for index in range(len(self.processes)):
             self._spawn(index)
-        for _ in self.processes:
-            self._await_ready()
+        deadline = time.monotonic() + timeout
+        while not all(self.ready):
+            self.poll(0.1)
+            if self.failure:
+                raise StartError(self.failure)
+            if not any(p.is_alive() for p in self.processes):
+                raise StartError("every worker process exited during start")
+            if time.monotonic() > deadline:
+                raise StartError(f"worker processes did not start within {timeout:.0f} s")
 
     def _spawn(self, index: int) -> None:
-        settings = self.parts.settings
+        reader, writer = _SPAWN.Pipe(duplex=False)
         process = _SPAWN.Process(
             target=_worker_main, name=f"telenode-worker-{index}", daemon=True,
-            args=(index, settings, self.parts.open_worker, self.queued, self.messages),
+            args=(index, self.parts.settings, self.parts.open_worker, writer),
         )
         process.start()
-        self.processes[index] = process
+        writer.close()  # the worker holds the only write end: end of file = the worker is gone
+        self.processes[index], self.pipes[index], self.ready[index] = process, reader, False
 
-    def _await_ready(self, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.messages.empty():
-                if not any(p.is_alive() for p in self.processes if p is not None):
-                    raise StartError("every worker process exited during start")
-                time.sleep(0.02)
-                continue
-            kind, index, detail = self.messages.get()
-            if kind == "ready":
-                return
-            raise StartError(f"worker {index}: {detail}")
-        raise StartError("worker processes did not start within 60 s")
+    def poll(self, timeout: float) -> bool:
+        """Read what the workers said within `timeout`; True if one queued work."""
+        queued = False
+        for pipe in wait([p for p in self.pipes if p is not None], timeout):
+            index = self.pipes.index(pipe)  # type: ignore[arg-type]
+            try:
+                while pipe.poll():  # type: ignore[union-attr]
+                    queued |= self._heard(index, pipe.recv_bytes())  # type: ignore[union-attr]
+            except (EOFError, OSError):
+                pipe.close()  # type: ignore[union-attr]
+                self.pipes[index] = None
+        return queued
+
+    def _heard(self, index: int, message: bytes) -> bool:
+        if message == QUEUED:
+            return True
+        if message == READY:
+            self.ready[index] = True
+        elif message.startswith(FAILED):
+            self.failure = f"worker {index}: {message[len(FAILED):].decode('utf-8', 'replace')}"
+            self.log.error("worker_failed", worker=index, reason=self.failure)
+        return False
 
     def restart_dead(self) -> None:
         """A worker that died (a crash, the OOM killer) is replaced; its acknowledged work is durable."""
@@ -160,11 +179,9 @@ class _Workers:
                 return
             self.log.error("worker_died", worker=index, exit_code=process.exitcode)
             self.last_restart = time.monotonic()
+            if self.pipes[index] is not None:
+                self.pipes[index].close()  # type: ignore[union-attr]
             self._spawn(index)
-            try:
-                self._await_ready()
-            except StartError as exc:
-                self.log.error("worker_restart_failed", worker=index, reason=str(exc))
 
     def stop(self, deadline: float) -> None:
         alive = [p for p in self.processes if p is not None and p.is_alive()]
@@ -176,6 +193,12 @@ class _Workers:
             if process.is_alive():  # past stop_timeout: nothing unacknowledged is lost by this
                 process.kill()
                 process.join(5)
+        for pipe in self.pipes:
+            if pipe is not None:
+                pipe.close()
+
+
+QUEUED, READY, FAILED = b"q", b"ready", b"failed:"
 
 
 def _die_with_parent() -> None:
@@ -190,22 +213,31 @@ def _die_with_parent() -> None:
 
 
 def _worker_main(index: int, settings: config.Settings, open_worker: Callable[..., tuple[Any, Store]],
-                 queued: EventType, messages: Any) -> None:
+                 pipe: Connection) -> None:
     """One SCP worker process: receive, de-identify, spool and record until SIGTERM."""
     _die_with_parent()
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C reaches the supervisor, which decides
     log.configure(settings.log_format, settings.log_level, process=f"worker-{index}")
+    lock = threading.Lock()  # C-STORE threads share the pipe
+
+    def tell(message: bytes) -> None:
+        with lock:
+            try:
+                pipe.send_bytes(message)
+            except OSError:  # the supervisor is gone; PR_SET_PDEATHSIG ends this process
+                pass
+
     try:
-        pipeline, store = open_worker(settings, queued.set)
+        pipeline, store = open_worker(settings, lambda: tell(QUEUED))
         from node import scp  # imported here: it switches pynetdicom to chunked, unrestricted storage
 
         server = scp.start(settings, pipeline)
     except Exception as exc:  # noqa: BLE001 - reported to the supervisor, which exits with it
-        messages.put(("error", index, _describe(exc)))
+        tell(FAILED + _describe(exc).encode("utf-8", "replace"))
         return
-    messages.put(("ready", index, ""))
+    tell(READY)
     while not stop.wait(1.0):
         pass
     _drain(server, time.monotonic() + settings.stop_timeout)

@@ -44,7 +44,7 @@ sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
 
 import bench_corpus  # noqa: E402
 import bench_peers as peers  # noqa: E402
-from bench_peers import BenchError, Orthanc, PyScp, Remote, Telenode  # noqa: E402
+from bench_peers import BenchError, Orthanc, Peak, PyScp, Remote, Telenode  # noqa: E402
 
 SKIPPED_ORTHANC = "skipped: orthanc not installed (apt-get install orthanc)"
 
@@ -92,7 +92,7 @@ def machine_line(work: Path) -> str:
 
 # --- one run of each path ------------------------------------------------------------------------
 
-Result = tuple[float, tuple[float, float, int] | None]  # seconds, (max MB, sum MB, processes) or None
+Result = tuple[float, Peak | None]  # seconds, (max MB, sum MB, processes, PSS MB) or None
 
 
 def run_ceiling(run: Path, folders: list[Path], expected: int, marker: bool = False) -> Result:
@@ -180,13 +180,14 @@ def spread(values: list[float], fmt: str = "{:.2f}") -> str:
     return f"{fmt.format(statistics.median(values))} ({fmt.format(min(values))}–{fmt.format(max(values))})"
 
 
-def rss_text(peaks: list[tuple[float, float, int]]) -> str:
+def rss_text(peaks: list[Peak]) -> str:
     if not peaks:
         return ""
     top = max(peaks, key=lambda p: p[1])
     if top[2] == 1:
         return f"{max(p[0] for p in peaks):.0f}"
-    return f"max {max(p[0] for p in peaks):.0f} / sum {top[1]:.0f} ({top[2]} procs)"
+    pss = max(p[3] for p in peaks)
+    return f"max {max(p[0] for p in peaks):.0f} / sum {top[1]:.0f} / PSS {pss:.0f} ({top[2]} procs)"
 
 
 KEEP_LOGS: Path | None = None  # --keep-logs: each run's logs are copied here before its folder goes
@@ -196,7 +197,7 @@ class Row:
     def __init__(self, label: str, action: Callable[[Path], Result] | None, skipped: str = "") -> None:
         self.label, self.action, self.skipped = label, action, skipped
         self.seconds: list[float] = []
-        self.peaks: list[tuple[float, float, int]] = []
+        self.peaks: list[Peak] = []
         self.error = ""
 
     def run(self, folder: Path) -> None:
@@ -327,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     print(machine)
     print(f"corpus: {args.ct} CT 512x512x16 bit + {args.mr} MR 256x256x16 bit = {count} instances, "
           f"{megabytes:.0f} MB; {args.repeat} run(s) each; median (min–max)")
-    print(f"{'':44} {'seconds':>22} {'images/s':>9} {'MB/s':>8}   peak RSS MB (VmHWM)")
+    print(f"{'':44} {'seconds':>22} {'images/s':>9} {'MB/s':>8}   peak memory MB: VmHWM, PSS of the tree")
     for row in rows.values():
         print(row.line(count, megabytes))
     print("ratios of throughput (images/s), from the medians:")

@@ -170,34 +170,55 @@ def vm_hwm_kb(pid: int) -> int:
     return 0
 
 
+def pss_kb(pid: int) -> int:
+    """Proportional set size: shared pages (libraries, …) divided among the processes sharing them,
+    so that a sum over processes counts each page once."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as handle:
+            for line in handle:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+Peak = tuple[float, float, int, float]  # max VmHWM of one process, sum of VmHWM, processes, peak PSS sum (MB)
+
+
 class TreePeak:
     """Peak RSS (VmHWM) of every process under `root`, sampled every `interval` s in a thread
-    (processes that exit early are counted too) and once more by `finish()` before the stop."""
+    (processes that exit early are counted too) and once more by `finish()` before the stop;
+    also the largest PSS sum over the tree seen by a sample (the tree's memory, shared pages once)."""
 
     def __init__(self, root: int, interval: float = 0.25) -> None:
         self.root, self.interval = root, interval
         self.peaks: dict[int, int] = {}
+        self.pss_peak = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
     def sample(self) -> None:
+        pss = 0
         for pid in tree(self.root):
             hwm = vm_hwm_kb(pid)
             if hwm > self.peaks.get(pid, 0):
                 self.peaks[pid] = hwm
+            pss += pss_kb(pid)
+        self.pss_peak = max(self.pss_peak, pss)
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
             self.sample()
 
-    def finish(self) -> tuple[float, float, int]:
-        """(max of one process MB, sum over the tree MB, number of processes)."""
+    def finish(self) -> Peak:
+        """(max of one process MB, sum over the tree MB, number of processes, peak PSS sum MB)."""
         self._stop.set()
         self._thread.join()
         self.sample()
         values = list(self.peaks.values()) or [0]
-        return max(values) / 1024, sum(values) / 1024, len(self.peaks)
+        return max(values) / 1024, sum(values) / 1024, len(self.peaks), self.pss_peak / 1024
 
 
 # --- the remote: DCMTK storescp ------------------------------------------------------------------
@@ -288,7 +309,7 @@ class PyScp:
         with os.scandir(self.folder) as entries:
             return sum(1 for _ in entries)
 
-    def stop(self) -> tuple[float, float, int]:
+    def stop(self) -> Peak:
         peak = self.peak.finish()
         stop(self.proc, grace=10)
         return peak
@@ -312,7 +333,7 @@ class Telenode:
         wait_ready(self.proc, [self.port], "TELENODE", "telenode", self.log)
         self.peak = TreePeak(self.proc.pid)
 
-    def stop(self) -> tuple[float, float, int]:
+    def stop(self) -> Peak:
         """Read the peak RSS of the tree (before stopping), then SIGTERM and wait."""
         peak = self.peak.finish()
         stop(self.proc, grace=60)
@@ -397,7 +418,7 @@ class Orthanc:
         wait_ready(self.proc, [self.port, self.http], "ORTHANC", "Orthanc", self.log)
         self.peak = TreePeak(self.proc.pid)
 
-    def stop(self) -> tuple[float, float, int]:
+    def stop(self) -> Peak:
         peak = self.peak.finish()
         stop(self.proc, grace=30)
         return peak

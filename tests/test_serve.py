@@ -128,3 +128,21 @@ def test_a_taken_port_is_an_error_not_a_shared_port(make_node):
     assert echo(first.port).returncode == 0
     time.sleep(0.1)
     assert first.stop() == 0
+
+
+def test_a_worker_that_cannot_start_stops_the_node_with_its_reason(make_node):
+    """A certificate file that is not a certificate passes config validation (it is readable) but
+    fails in the worker: the node exits 1 naming the problem, and leaves no process behind."""
+    node = _workers(make_node([("TELERAD", free_port())]), 2)
+    (node.folder / "node.pem").write_text("not a certificate")
+    (node.folder / "node.key").write_text("not a key")
+    text = node.config.read_text().replace("[anonymization]", f"[node.tls]\nport = {free_port()}\n"
+                                           'certificate = "node.pem"\nprivate_key = "node.key"\n'
+                                           "require_client_cert = false\n\n[anonymization]", 1)
+    node.config.write_text(text)
+    result = subprocess.run([sys.executable, "-m", "node", "serve", "--config", str(node.config)],
+                            capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert result.returncode == 1, result.stderr
+    assert "worker" in result.stderr and "certificate" in result.stderr.lower(), result.stderr
+    with socket.socket() as sock:  # nothing kept the port
+        sock.bind(("127.0.0.1", node.port))
