@@ -210,6 +210,18 @@ def _options(values: list) -> str | None:
     return None
 
 
+AUTO_WORKERS_MAX = 8  # each worker is an interpreter (~75 MB); past 8 the shared SQLite writer dominates
+
+
+def auto_workers() -> int:
+    """One worker per core this process may run on (CPU affinity, not the host's count), at most 8."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, AUTO_WORKERS_MAX))
+
+
 def _workers(value: str | int) -> str | None:
     if value == "auto" or (isinstance(value, int) and 1 <= value <= 64):
         return None
@@ -409,7 +421,7 @@ def load(path: str | os.PathLike[str]) -> Settings:
         routes=routes,
         min_free_mb=node["min_free_mb"],
         stop_timeout=float(node["stop_timeout"]),
-        workers=(os.cpu_count() or 1) if node["workers"] == "auto" else node["workers"],
+        workers=auto_workers() if node["workers"] == "auto" else node["workers"],
         tls=_listener_tls(path, node["tls"], base, node["port"]),
         mapping_key_file=_resolve(base, security["mapping_key_file"]) if security["mapping_key_file"] else None,
         operators=tuple(o.strip() for o in security["operators"]),
