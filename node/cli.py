@@ -135,7 +135,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def open_worker(settings: config.Settings, on_queued: Callable[[], None]) -> tuple[Pipeline, Store]:
     """One SCP worker's pipeline and store connection (runs in the worker process)."""
-    tempfile.tempdir = str(settings.incoming_dir)
     store = _store(settings)
     pipeline = Pipeline(_deidentifier(settings), store, Spool(settings.spool_dir),
                         [d.name for d in settings.destinations], on_queued=on_queued,

@@ -140,7 +140,8 @@ class Forwarder:
         self._wake.set()
 
     def join(self, timeout: float) -> None:
-        self._thread.join(timeout)
+        if self._thread.ident is not None:  # never started (the node failed to start): nothing to join
+            self._thread.join(timeout)
 
     # -- loop -----------------------------------------------------------------------------------
 

@@ -25,9 +25,11 @@ import multiprocessing
 import os
 import signal
 import socket
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from multiprocessing.connection import Connection, wait
 from typing import Any, Callable, Sequence
 
@@ -141,7 +143,7 @@ class _Workers:
         reader, writer = _SPAWN.Pipe(duplex=False)
         process = _SPAWN.Process(
             target=_worker_main, name=f"telenode-worker-{index}", daemon=True,
-            args=(index, self.parts.settings, self.parts.open_worker, writer),
+            args=(index, self.parts.settings, self.parts.open_worker, writer, os.getpid()),
         )
         process.start()
         writer.close()  # the worker holds the only write end: end of file = the worker is gone
@@ -201,21 +203,21 @@ class _Workers:
 QUEUED, READY, FAILED = b"q", b"ready", b"failed:"
 
 
-def _die_with_parent() -> None:
+def _die_with_parent(supervisor: int) -> None:
     """Linux: SIGKILL this worker when the supervisor dies, whatever killed it."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
-    if os.getppid() == 1:  # the supervisor died before prctl took effect
+    if os.getppid() != supervisor:  # it died before prctl took effect (not "== 1": it may be PID 1)
         os._exit(1)
 
 
 def _worker_main(index: int, settings: config.Settings, open_worker: Callable[..., tuple[Any, Store]],
-                 pipe: Connection) -> None:
+                 pipe: Connection, supervisor: int) -> None:
     """One SCP worker process: receive, de-identify, spool and record until SIGTERM."""
-    _die_with_parent()
+    _die_with_parent(supervisor)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C reaches the supervisor, which decides
@@ -229,6 +231,8 @@ def _worker_main(index: int, settings: config.Settings, open_worker: Callable[..
             except OSError:  # the supervisor is gone; PR_SET_PDEATHSIG ends this process
                 pass
 
+    incoming = _incoming(settings, index)
+    tempfile.tempdir = str(incoming)  # where pynetdicom writes the data sets it receives
     try:
         pipeline, store = open_worker(settings, lambda: tell(QUEUED))
         from node import scp  # imported here: it switches pynetdicom to chunked, unrestricted storage
@@ -238,10 +242,36 @@ def _worker_main(index: int, settings: config.Settings, open_worker: Callable[..
         tell(FAILED + _describe(exc).encode("utf-8", "replace"))
         return
     tell(READY)
+    swept = time.monotonic()
     while not stop.wait(1.0):
-        pass
+        if time.monotonic() - swept > SWEEP_EVERY:
+            _sweep(incoming, time.time() - max(settings.network_timeout, settings.dimse_timeout) - SWEEP_EVERY)
+            swept = time.monotonic()
     _drain(server, time.monotonic() + settings.stop_timeout)
     store.close()
+
+
+SWEEP_EVERY = 60.0  # seconds
+
+
+def _incoming(settings: config.Settings, index: int) -> Path:
+    """This worker's own folder for data sets being received, emptied at each (re)start: what a
+    killed worker was receiving was never acknowledged, and it is an original (PHI)."""
+    folder = settings.incoming_dir / f"worker-{index}"
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    _sweep(folder, time.time())
+    return folder
+
+
+def _sweep(folder: Path, before: float) -> None:
+    """Remove files last written before `before`: half-received data sets of dropped associations
+    (pynetdicom removes a received file only after the handler ran)."""
+    for entry in os.scandir(folder):
+        try:
+            if entry.is_file() and entry.stat().st_mtime < before:
+                os.unlink(entry.path)
+        except OSError:
+            continue
 
 
 def _describe(exc: Exception) -> str:

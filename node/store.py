@@ -615,9 +615,12 @@ class _Transaction:
         if not self.outer:
             return
         if kind:
-            self.conn.execute("ROLLBACK")
-            if self.on_rollback:
-                self.on_rollback()
+            try:
+                if self.conn.in_transaction:  # SQLite already rolled back on SQLITE_FULL, IOERR, NOMEM
+                    self.conn.execute("ROLLBACK")
+            finally:
+                if self.on_rollback:
+                    self.on_rollback()
             return
         try:
             self.conn.execute("COMMIT")

@@ -60,9 +60,10 @@ class _RecordingSocket(ssl.SSLSocket):
 def client_context(tls: TLS) -> ssl.SSLContext:
     """A destination's context: the remote verified against ca_certificates (the system store when
     None) and, when verify_hostname, its certificate must name the host (or server_name)."""
-    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
-    if tls.ca_certificates is not None:
-        context.load_verify_locations(cafile=str(tls.ca_certificates))
+    # With a cafile, create_default_context loads only it: the system store would otherwise also be
+    # trusted, and any public CA's certificate for the name (or, without the name check, any) passes.
+    cafile = str(tls.ca_certificates) if tls.ca_certificates is not None else None
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=cafile)
     _harden(context, tls.min_version)
     context.check_hostname = tls.verify_hostname
     if tls.certificate is not None:

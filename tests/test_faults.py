@@ -585,7 +585,8 @@ def test_free_space_below_min_free_mb_answers_a700_and_keeps_nothing(tmp_path, m
     spool = node.folder / "var" / "spool"
     leftovers = [p for p in spool.rglob("*") if p.is_file()]
     assert leftovers == [], leftovers
-    assert list((node.folder / "var" / "incoming").iterdir()) == []  # no received originals left behind
+    incoming = node.folder / "var" / "incoming"
+    assert [p for p in incoming.rglob("*") if p.is_file()] == []  # no received originals left behind
     row = status(node)["remote0"]
     assert (row["pending"], row["sent"]) == (0, 0), row
     assert remote.files() == []

@@ -40,6 +40,18 @@ def _children(pid: int) -> list[int]:
     return found
 
 
+def _pids_with_parent(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -146,3 +158,43 @@ def test_a_worker_that_cannot_start_stops_the_node_with_its_reason(make_node):
     assert "worker" in result.stderr and "certificate" in result.stderr.lower(), result.stderr
     with socket.socket() as sock:  # nothing kept the port
         sock.bind(("127.0.0.1", node.port))
+
+
+def test_the_node_runs_as_pid_1_as_in_a_container(make_node, make_storescp, tmp_path):
+    """`telenode serve` as a container's entry point is PID 1: its workers must still start and serve
+    (a worker that took "my parent is PID 1" for "my supervisor died" would exit at once)."""
+    probe = subprocess.run(["unshare", "-fp", "--mount-proc", "true"], capture_output=True)
+    if probe.returncode != 0:
+        import pytest
+
+        pytest.skip("no PID namespaces here (unshare -fp)")
+    remote = make_storescp().start()
+    node = _workers(make_node([(remote.ae_title, remote.port)]), 2)
+    handle = open(node.log, "ab")
+    node.proc = subprocess.Popen(["unshare", "-fp", "--mount-proc", sys.executable, "-m", "node", "serve",
+                                  "--config", str(node.config)], stdout=handle, stderr=handle, cwd=REPO)
+    assert wait_for(lambda: _ready(node, 2), 60), node.log.read_text()
+    files = make_study(tmp_path / "study", 2, 1).files
+    assert storescu(node.port, files).returncode == 0
+    assert wait_for(lambda: len(remote.files()) == 2, 30)
+    [supervisor] = _pids_with_parent(node.proc.pid)  # unshare forwards no signal: tell PID 1 itself
+    os.kill(supervisor, signal.SIGTERM)
+    assert node.proc.wait(60) == 0  # unshare -f exits with its child's status
+
+
+def test_each_worker_receives_into_its_own_folder_emptied_when_it_starts(make_node):
+    """A worker killed mid-transfer leaves a half-received original (PHI) in its incoming folder;
+    the worker that replaces it starts by removing it."""
+    node = _workers(make_node([("TELERAD", free_port())]), 1)
+    folder = node.folder / "var" / "incoming" / "worker-0"
+    folder.mkdir(parents=True)
+    (folder / "tmpkilled.dcm").write_bytes(b"half an original")
+    node.start()
+    assert wait_for(lambda: _ready(node, 1), 60)
+    assert list(folder.iterdir()) == []
+    [worker] = _children(node.proc.pid)
+    (folder / "tmpkilled2.dcm").write_bytes(b"half an original")
+    os.kill(worker, signal.SIGKILL)
+    assert wait_for(lambda: len(_children(node.proc.pid)) == 1 and worker not in _children(node.proc.pid), 30)
+    assert wait_for(lambda: list(folder.iterdir()) == [], 30)
+    assert node.stop() == 0

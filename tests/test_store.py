@@ -820,3 +820,21 @@ def test_queue_holds_no_originals(store):
     for value in (record.patient_id, record.patient_name, record.accession_number, record.sop_instance_uid,
                   record.study_instance_uid):
         assert value not in dump
+
+
+def test_a_transaction_sqlite_already_rolled_back_keeps_its_error_and_copies_nothing(tmp_path):
+    """On SQLITE_FULL/IOERR SQLite rolls back by itself: the caller must see that error (not "no
+    transaction is active"), and the audit records of the lost transaction must not reach the sinks."""
+    import sqlite3 as sql
+
+    store = Store(tmp_path / "db.sqlite", audit_file=tmp_path / "audit.jsonl")
+    with pytest.raises(sql.OperationalError, match="disk is full"):
+        with store.batch():
+            store.audit("phantom", n=1)
+            store.db.conn.execute("ROLLBACK")  # what SQLite does itself on SQLITE_FULL
+            raise sql.OperationalError("database or disk is full")
+    store.audit("real")
+    lines = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    assert [line["event"] for line in lines] == ["real"]
+    assert [r["event"] for r in store.audit_records()] == ["real"]
+    store.close()

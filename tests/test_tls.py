@@ -476,3 +476,21 @@ def test_destination_signed_by_an_unknown_ca_is_refused(tmp_path, pki, make_node
     assert wait_for(lambda: "certificate verify failed" in (status(node)["remote0"]["last_error"] or ""), 30), \
         status(node)
     assert status(node)["remote0"]["failed"] == 0 and remote.files() == []
+
+
+def test_a_destination_ca_replaces_the_system_store(tmp_path, monkeypatch):
+    """With ca_certificates set, only that CA is trusted: a certificate from a CA in the system store
+    (stood in for by SSL_CERT_FILE) must not verify, or any public CA could take the stream."""
+    from node.config import TLS
+    from node.tls import client_context as destination_context
+
+    system_key, ours_key = _key(), _key()
+    system_ca = _certificate("system store CA", system_key, None, ca=True)
+    ours = _certificate("our CA", ours_key, None, ca=True)
+    (tmp_path / "system.pem").write_bytes(system_ca.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "ours.pem").write_bytes(ours.public_bytes(serialization.Encoding.PEM))
+    monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "system.pem"))
+    trusted = destination_context(TLS(ca_certificates=tmp_path / "ours.pem")).get_ca_certs()
+    assert [dict(name[0] for name in c["subject"])["commonName"] for c in trusted] == ["our CA"]
+    default = destination_context(TLS()).get_ca_certs()  # no ca_certificates: the system store
+    assert "system store CA" in [dict(name[0] for name in c["subject"])["commonName"] for c in default]
