@@ -103,7 +103,10 @@ class JsonLinesFile:
 class Syslog:
     """Sends each committed record to syslog: RFC 5424 header, the record as JSON for the message.
 
-    `address`: a local socket path ("/dev/log") or "host:port" (UDP, RFC 5426).
+    `address`: a local socket path ("/dev/log") or "host:port" (UDP, RFC 5426). The name is resolved
+    once, here, and the socket never blocks: records are copied on the C-STORE path, and a hung
+    syslog daemon (full queue) or a slow DNS must not stall receiving — a record that cannot be
+    sent at once is dropped and logged (the database is the record).
     """
 
     def __init__(self, address: str) -> None:
@@ -114,9 +117,14 @@ class Syslog:
             host, _, port = address.rpartition(":")
             if not host or not port.isdigit():
                 raise ValueError(f"audit_syslog must be a socket path or host:port, not {address!r}")
-            family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
-            self._sock = socket.socket(family, socket.SOCK_DGRAM)
-            self._target = (host.strip("[]"), int(port))
+            try:
+                family, kind, proto, _, target = socket.getaddrinfo(host.strip("[]"), int(port),
+                                                                    type=socket.SOCK_DGRAM)[0]
+            except OSError as exc:
+                raise ValueError(f"cannot resolve {host!r} ({exc.strerror or exc})") from None
+            self._sock = socket.socket(family, kind, proto)
+            self._target = target
+        self._sock.setblocking(False)
         self._host = socket.gethostname() or "-"
 
     def emit(self, record: dict[str, Any]) -> None:

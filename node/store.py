@@ -104,9 +104,12 @@ class Store:
                 self._schema_1()
             if version < 2:
                 self._schema_2()
-            sealed = self._schema_3() if version < 3 else 0
+            if version < 3 and self._has_rows():
+                self._scrub_marker.touch(mode=0o600)  # before sealing: a crash after the commit still scrubs
+            if version < 3:
+                self._schema_3()
             self.db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-        if sealed:
+        if self._scrub_marker.exists():  # this open's migration, or one whose scrub could not finish
             self._scrub()
 
     def _schema_1(self) -> None:
@@ -180,14 +183,33 @@ class Store:
                 self.db.execute("UPDATE audit SET prev = ?, hash = ? WHERE id = ?", [prev, digest, record_id])
             prev = digest
 
+    @property
+    def _scrub_marker(self) -> Path:
+        return self.path.with_name(self.path.name + ".scrub-pending")
+
+    def _has_rows(self) -> bool:
+        return any(self.db.execute(f"SELECT 1 FROM {table} LIMIT 1").fetchone() for table in ENCRYPTED
+                   if self.db[table].exists())
+
     def _scrub(self) -> None:
-        """After sealing plaintext: rewrite the file and empty the WAL so no old page keeps an original."""
+        """After sealing plaintext: rewrite the file and empty the WAL so no old page keeps an original.
+        Until that has fully succeeded a marker file stays beside the database, and every open retries."""
         try:
             with self._lock:
-                self.db.execute("VACUUM")
-                self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        except sqlite3.OperationalError as exc:  # another process holds the database: its next checkpoint will do
-            log.get("store").warning("store_scrub_deferred", reason=str(exc))
+                self.db.execute("PRAGMA busy_timeout=2000")  # at open: don't hold a start for 30 s
+                try:
+                    self.db.execute("VACUUM")
+                    busy = self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+                finally:
+                    self.db.execute("PRAGMA busy_timeout=30000")
+        except sqlite3.OperationalError as exc:
+            busy, reason = 1, str(exc)
+        else:
+            reason = "another connection is reading the write-ahead log"
+        if busy:  # another process holds the database: retried at the next open
+            log.get("store").warning("store_scrub_deferred", reason=reason)
+            return
+        self._scrub_marker.unlink(missing_ok=True)
 
     def _tx(self) -> Any:
         return _Transaction(self.db.conn, self._committed, self._unsent.clear)

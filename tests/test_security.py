@@ -232,6 +232,27 @@ def test_schema_2_database_migrates_and_its_originals_get_encrypted(tmp_path):
     again.close()
 
 
+def test_a_scrub_another_process_prevented_is_retried_at_the_next_open(tmp_path):
+    """Migration seals the originals, but while another connection reads the WAL the old plaintext
+    pages cannot be scrubbed: a marker stays and the next open finishes the job."""
+    path = tmp_path / "telenode.sqlite"
+    schema_2_database(path)
+    reader = sqlite3.connect(path)
+    reader.execute("BEGIN")
+    reader.execute("SELECT COUNT(*) FROM patients").fetchone()  # holds a read snapshot: no TRUNCATE now
+    store = Store(path)
+    store.close()
+    marker = path.with_name(path.name + ".scrub-pending")
+    assert marker.exists()
+    reader.rollback()
+    reader.close()
+    Store(path).close()
+    assert not marker.exists()
+    r = make_record()
+    for value in (r.patient_id, r.patient_name, r.accession_number):
+        assert value.encode() not in raw_bytes(path)
+
+
 # -- the audit trail ----------------------------------------------------------------------------
 
 
