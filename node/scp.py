@@ -217,11 +217,20 @@ class _TLSServer(_Server):
     daemon_threads = True  # shutdown() does not wait for handshakes in progress
     tls_context: ssl.SSLContext
     handshake_timeout: float = 10.0
+    handshakes: threading.BoundedSemaphore  # handshakes in progress at once; more are refused
     on_refused: Callable[[str, str], None] = staticmethod(lambda peer, reason: None)
     _closing = False
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
-        secured = self._handshake(request, f"{client_address[0]}:{client_address[1]}")
+        peer = f"{client_address[0]}:{client_address[1]}"
+        if not self.handshakes.acquire(blocking=False):  # a flood of connections must not mean a flood of threads
+            request.close()
+            self.on_refused(peer, "TLS: too many handshakes in progress")
+            return
+        try:
+            secured = self._handshake(request, peer)
+        finally:
+            self.handshakes.release()
         if secured is not None:
             super().process_request_thread(secured, client_address)
 
@@ -235,6 +244,8 @@ class _TLSServer(_Server):
                 raw.close()
                 return None
             sock = self.tls_context.wrap_socket(raw, server_side=True, do_handshake_on_connect=False)
+            # CPython's SSL handshake treats the timeout as a deadline for the whole operation, not
+            # per read: a client trickling its ClientHello a byte at a time is cut off too (tested).
             sock.settimeout(max(0.01, deadline - time.monotonic()))
             sock.do_handshake()
             sock.settimeout(None)
@@ -300,7 +311,8 @@ def _serve_tls(ae: AE, settings: Settings, config: TLS, handlers: list, store: S
     except ssl.SSLError as exc:
         raise OSError(errno.EINVAL, f"node.tls: cannot use the certificate or key ({tls.describe(exc)})") from None
     return _serve(ae, (settings.host, config.port), handlers, _TLSServer, tls_context=context,
-                  handshake_timeout=config.handshake_timeout, on_refused=_refusal_reporter(store))
+                  handshake_timeout=config.handshake_timeout, on_refused=_refusal_reporter(store),
+                  handshakes=threading.BoundedSemaphore(max(8, settings.max_associations)))
 
 
 def start(settings: Settings, pipeline: Pipeline) -> Listeners:

@@ -357,6 +357,54 @@ def test_handshake_timeout_drops_a_stalled_client_and_audits_it(pki, make_node, 
                                 for r in audits(node, "association")), 10)
 
 
+def test_handshake_timeout_bounds_the_whole_handshake_not_each_read(pki, make_node):
+    """A client that trickles a byte of its ClientHello every 0.4 s never lets one read time out;
+    it must still be dropped once handshake_timeout (1 s) has passed since it connected."""
+    node = make_node([("TELERAD", free_port())])
+    tls_port = listener_tls(node, pki, handshake_timeout=1)
+    start(node, tls_port)
+    hello = b"\x16\x03\x01\x00\xc8\x01\x00\x00\xc4\x03\x03" + bytes(200)
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", tls_port)) as trickler:
+        try:
+            for byte in hello:
+                trickler.sendall(bytes([byte]))
+                time.sleep(0.4)
+                if time.monotonic() - started > 15:
+                    break
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+    assert time.monotonic() - started < 10, "the node kept a trickling handshake past its timeout"
+    assert wait_for(lambda: any(r["reason"] == "TLS: handshake timed out" and not r["accepted"]
+                                for r in audits(node, "association")), 10)
+
+
+def test_handshakes_in_progress_are_capped(pki, make_node):
+    """max(8, max_associations) handshakes at once: connections past that are closed at once and
+    audited, instead of each holding a thread (a flood of silent connections)."""
+    node = make_node([("TELERAD", free_port())])
+    node.config.write_text(node.config.read_text().replace("[node]\n", "[node]\nworkers = 1\nmax_associations = 8\n", 1))
+    tls_port = listener_tls(node, pki, handshake_timeout=30)
+    start(node, tls_port)
+    stallers = [socket.create_connection(("127.0.0.1", tls_port)) for _ in range(8)]
+    try:
+        for staller in stallers:
+            staller.sendall(b"\x16")  # one byte: past the port-probe check, into the handshake
+        time.sleep(0.5)
+        with socket.create_connection(("127.0.0.1", tls_port)) as ninth:
+            ninth.sendall(b"\x16")
+            ninth.settimeout(10)
+            try:
+                assert ninth.recv(1) == b""  # closed by the node
+            except ConnectionResetError:
+                pass
+        assert wait_for(lambda: any(r["reason"] == "TLS: too many handshakes in progress"
+                                    for r in audits(node, "association")), 10)
+    finally:
+        for staller in stallers:
+            staller.close()
+
+
 def test_tls_1_1_client_is_refused(pki, make_node, make_storescp):
     remote = make_storescp().start()
     node = make_node([(remote.ae_title, remote.port)])
