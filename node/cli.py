@@ -524,8 +524,7 @@ def parser() -> argparse.ArgumentParser:
     anon.set_defaults(func=cmd_anonymize)
     reid = command("reidentify", "print the originals behind a pseudonym (audited)")
     reid.add_argument("value", metavar="VALUE", help="pseudonymous PatientID, AccessionNumber or UID")
-    reid.add_argument("--operator", help="who asks (default: $TELENODE_OPERATOR or the OS user)")
-    reid.add_argument("--reason", help="why (default: $TELENODE_REASON)")
+    _who_arguments(reid)
     reid.set_defaults(func=cmd_reidentify)
     stat = command("status", "queue per destination: pending, sent, failed")
     stat.add_argument("--json", action="store_true", help="machine-readable output")
@@ -534,51 +533,38 @@ def parser() -> argparse.ArgumentParser:
                        ("resume", "send to a paused destination again")):
         sub = command(name, text)
         sub.add_argument("destination", metavar="NAME")
-        sub.add_argument("--operator", help="who (default: $TELENODE_OPERATOR or the OS user)")
+        _operator_option(sub)
         sub.set_defaults(func=cmd_pause)
-    quarantine = commands.add_parser("quarantine", help="instances held back: list, show, export, retry")
-    quarantine.add_argument("--config", "-c", metavar="FILE", help="TOML config (default: $TELENODE_CONFIG)")
-    actions = quarantine.add_subparsers(dest="action", required=True)
-    listing = actions.add_parser("list", help="what is held and why")
-    _config_option(listing)
-    listing.add_argument("--json", action="store_true")
-    listing.set_defaults(func=cmd_quarantine_list)
-    retry = actions.add_parser("retry", help="queue failed sends again; re-run held originals through the pipeline")
-    _config_option(retry)
+    def action(group: Any, name: str, help_text: str, func: Callable[[argparse.Namespace], int]) -> Any:
+        """A sub-command of a group (`quarantine list`), with --config accepted on either level."""
+        sub = group.add_parser(name, help=help_text, description=help_text)
+        _config_option(sub)
+        sub.set_defaults(func=func)
+        return sub
+
+    quarantine = _group(commands, "quarantine", "instances held back: list, show, export, retry")
+    action(quarantine, "list", "what is held and why", cmd_quarantine_list).add_argument("--json", action="store_true")
+    retry = action(quarantine, "retry", "queue failed sends again; re-run held originals through the pipeline",
+                   cmd_quarantine_retry)
     retry.add_argument("ids", nargs="*", metavar="ID")
     retry.add_argument("--all", action="store_true", help="every entry")
-    retry.add_argument("--operator", help="who (default: $TELENODE_OPERATOR or the OS user)")
-    retry.set_defaults(func=cmd_quarantine_retry)
+    _operator_option(retry)
     for name, text, func in (("show", "print a held original's attributes (PHI; audited)", cmd_quarantine_show),
                              ("export", "copy a held original to a file (PHI; audited)", cmd_quarantine_export)):
-        sub = actions.add_parser(name, help=text, description=text)
-        _config_option(sub)
+        sub = action(quarantine, name, text, func)
         sub.add_argument("id", metavar="ID")
         if name == "export":
             sub.add_argument("--output", "-o", required=True, metavar="FILE")
         _who_arguments(sub)
-        sub.set_defaults(func=func)
-    keys = commands.add_parser("keys", help="the mapping keyring: rotate it, see which keys are in use")
-    keys.add_argument("--config", "-c", metavar="FILE", help="TOML config (default: $TELENODE_CONFIG)")
-    key_actions = keys.add_subparsers(dest="action", required=True)
-    rotate = key_actions.add_parser("rotate", help="new mapping key; re-encrypt every original; retire old keys")
-    _config_option(rotate)
-    rotate.add_argument("--operator", help="who (default: $TELENODE_OPERATOR or the OS user)")
-    rotate.set_defaults(func=cmd_keys_rotate)
-    key_status = key_actions.add_parser("status", help="key ids and how many stored values each encrypts")
-    _config_option(key_status)
-    key_status.set_defaults(func=cmd_keys_status)
-    trail = commands.add_parser("audit", help="the hash-chained audit trail: verify it, show it")
-    trail.add_argument("--config", "-c", metavar="FILE", help="TOML config (default: $TELENODE_CONFIG)")
-    trail_actions = trail.add_subparsers(dest="action", required=True)
-    check = trail_actions.add_parser("verify", help="exit 0 if the chain is intact, 1 naming the first bad record")
-    _config_option(check)
-    check.set_defaults(func=cmd_audit_verify)
-    show = trail_actions.add_parser("show", help="records as JSON lines, oldest first")
-    _config_option(show)
+    keys = _group(commands, "keys", "the mapping keyring: rotate it, see which keys are in use")
+    _operator_option(action(keys, "rotate", "new mapping key; re-encrypt every original; retire old keys",
+                            cmd_keys_rotate))
+    action(keys, "status", "key ids and how many stored values each encrypts", cmd_keys_status)
+    trail = _group(commands, "audit", "the hash-chained audit trail: verify it, show it")
+    action(trail, "verify", "exit 0 if the chain is intact, 1 naming the first bad record", cmd_audit_verify)
+    show = action(trail, "show", "records as JSON lines, oldest first", cmd_audit_show)
     show.add_argument("--event", metavar="E", help="only this event")
     show.add_argument("--limit", type=int, metavar="N", help="only the last N records")
-    show.set_defaults(func=cmd_audit_show)
     return top
 
 
@@ -588,8 +574,19 @@ def _config_option(sub: argparse.ArgumentParser) -> None:
     sub.add_argument("--config", "-c", metavar="FILE", default=argparse.SUPPRESS)
 
 
+def _group(commands: Any, name: str, help_text: str) -> Any:
+    """A command with sub-commands (`keys rotate`); --config may come before the sub-command."""
+    group = commands.add_parser(name, help=help_text)
+    group.add_argument("--config", "-c", metavar="FILE", help="TOML config (default: $TELENODE_CONFIG)")
+    return group.add_subparsers(dest="action", required=True)
+
+
+def _operator_option(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument("--operator", help="who (default: $TELENODE_OPERATOR or the OS user)")
+
+
 def _who_arguments(sub: argparse.ArgumentParser) -> None:
-    sub.add_argument("--operator", help="who asks (default: $TELENODE_OPERATOR or the OS user)")
+    _operator_option(sub)
     sub.add_argument("--reason", help="why (default: $TELENODE_REASON)")
 
 

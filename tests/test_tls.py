@@ -32,7 +32,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
-from conftest import PEER_ENV, REPO, Node, dcmtk, free_port, listening, storescu, wait_for
+from conftest import PEER_ENV, REPO, Node, StoreSCP, dcmtk, free_port, listening, storescu, wait_for
 from node.store import Store
 from studies import make_study
 
@@ -141,16 +141,14 @@ def tls_echo(port: int, pki: PKI, client: Pair, called: str = "TELENODE") -> sub
                            str(port)], capture_output=True, text=True, env=PEER_ENV, timeout=30)
 
 
-class TLSStoreSCP:
+class TLSStoreSCP(StoreSCP):
     """DCMTK storescp with +tls as the remote PACS; by default (-rc) it requires a client certificate."""
 
     def __init__(self, folder: Path, server: Pair, pki: PKI, port: int | None = None) -> None:
-        self.folder, self.server, self.pki = folder, server, pki
-        self.port = port or free_port()
-        self.ae_title = "TELERAD"
-        self.proc: subprocess.Popen | None = None
+        super().__init__(folder, port or free_port())
+        self.server, self.pki = server, pki
 
-    def start(self, client: Pair) -> "TLSStoreSCP":
+    def start(self, client: Pair) -> "TLSStoreSCP":  # type: ignore[override]
         self.folder.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
             [dcmtk("storescp"), "-aet", self.ae_title, "-od", str(self.folder), "-uf", "+xa",
@@ -159,14 +157,6 @@ class TLSStoreSCP:
         up = wait_for(lambda: tls_echo(self.port, self.pki, client, self.ae_title).returncode == 0, 15)
         assert up, "storescp +tls did not start"
         return self
-
-    def files(self) -> list[Path]:
-        return sorted(p for p in self.folder.iterdir() if p.is_file())
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(10)
 
 
 @pytest.fixture
@@ -206,6 +196,15 @@ def destination_tls(node: Node, pki: PKI, **extra: Any) -> None:
              f'private_key = "{pki.client.key}"']
     lines += [f"{key} = {json.dumps(value)}" for key, value in extra.items()]
     node.config.write_text(node.config.read_text() + "\n".join(lines) + "\n")
+
+
+def assert_closed_by_node(sock: socket.socket, timeout: float) -> None:
+    """The node closed (or reset) this connection within `timeout`, without sending anything."""
+    sock.settimeout(timeout)
+    try:
+        assert sock.recv(1) == b""
+    except ConnectionResetError:
+        pass
 
 
 def audits(node: Node, event: str) -> list[dict[str, Any]]:
@@ -348,11 +347,7 @@ def test_handshake_timeout_drops_a_stalled_client_and_audits_it(pki, make_node, 
     start(node, tls_port)
     with socket.create_connection(("127.0.0.1", tls_port)) as staller:
         staller.sendall(b"\x16\x03\x01")
-        staller.settimeout(20)
-        try:
-            assert staller.recv(1) == b""  # closed by the node
-        except ConnectionResetError:
-            pass
+        assert_closed_by_node(staller, 20)
     assert wait_for(lambda: any(r["reason"] == "TLS: handshake timed out" and not r["accepted"]
                                 for r in audits(node, "association")), 10)
 
@@ -393,11 +388,7 @@ def test_handshakes_in_progress_are_capped(pki, make_node):
         time.sleep(0.5)
         with socket.create_connection(("127.0.0.1", tls_port)) as ninth:
             ninth.sendall(b"\x16")
-            ninth.settimeout(10)
-            try:
-                assert ninth.recv(1) == b""  # closed by the node
-            except ConnectionResetError:
-                pass
+            assert_closed_by_node(ninth, 10)
         assert wait_for(lambda: any(r["reason"] == "TLS: too many handshakes in progress"
                                     for r in audits(node, "association")), 10)
     finally:
