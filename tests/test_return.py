@@ -148,6 +148,7 @@ def key_objects(arrived: list[Dataset]) -> Dataset:
         item.ReferencedSOPSequence = _sop_refs([image])
         items.append(item)
     ds.ContentSequence = Sequence(items)
+    del ds.AccessionNumber, ds.PatientBirthDate, ds.StudyDate  # lacking: the originals come from the mapping
     return ds
 
 
