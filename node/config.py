@@ -480,7 +480,7 @@ def load(path: str | os.PathLike[str]) -> Settings:
         operators=tuple(o.strip() for o in security["operators"]),
         audit_file=_resolve(base, security["audit_file"]) if security["audit_file"] else None,
         audit_syslog=security["audit_syslog"],
-        warnings=_warnings(destinations) + _warnings(return_path.destinations if return_path else (), "return.destinations"),
+        warnings=_warnings(destinations) + _return_warnings(return_path),
         return_path=return_path,
     )
 
@@ -531,6 +531,20 @@ def _warnings(destinations: tuple[Destination, ...], where: str = "destinations"
         "crosses the network in the clear (add a [destinations.tls] table)"
         for d in destinations if d.tls is None and not d.host.startswith(LOOPBACK)
     )
+
+
+def _return_warnings(ret: ReturnPath | None) -> tuple[str, ...]:
+    """Re-identified data in the clear, or a return AE anyone may send to."""
+    if ret is None:
+        return ()
+    warnings = list(_warnings(ret.destinations, "return.destinations"))
+    if not ret.allowed_calling_aets:
+        warnings.append("return.allowed_calling_aets is empty: any calling AE may send results to be "
+                        "re-identified and filed at the hospital (list the reader's AE titles)")
+    if ret.hl7 is not None and not ret.hl7.forward_host.startswith(LOOPBACK):
+        warnings.append(f"return.hl7: reports go to {ret.hl7.forward_host} as plain MLLP, re-identified, "
+                        "in the clear (use a VPN or a TLS tunnel)")
+    return tuple(warnings)
 
 
 def _routes(path: Path, raw: Any, names: set[str]) -> tuple[Route, ...]:

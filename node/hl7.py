@@ -110,6 +110,8 @@ def reidentify(text: str, reidentifier: Reidentifier) -> tuple[str, Resolver]:
         resolver.scan(marks.unescape(segment))
     who = identity(resolver, reidentifier.pseudonyms, reidentifier.modified_dates)
     body = [_segment(segment, marks, resolver, who) for segment in parts[1:]]
+    if not any(segment.split(marks.field)[0] == "PID" for segment in parts[1:]):
+        body.insert(0, _segment(f"PID{marks.field}1", marks, resolver, who))  # the patient comes from the mapping
     return "\r".join([parts[0], *body]) + "\r", resolver
 
 
