@@ -24,7 +24,7 @@ import threading
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-from node import __version__, config, log, serve
+from node import __version__, config, log, returnpath, serve
 from node.deid import Deidentifier, Pseudonymizer, load_or_create_key
 from node.deid.guard import Guard
 from node.deid.pseudonyms import KeyFileError
@@ -510,8 +510,11 @@ def _release(entry: dict, quarantine: Quarantine, store: Store, spool: Spool, pi
     source = quarantine.file(entry["id"])
     if entry.get("kind") == "send_failed":
         destination = entry.get("destination", "")
-        if destination not in {d.name for d in settings.destinations}:
+        returning = destination in _return_queues(settings)  # a re-identified result: its own spool
+        if destination not in {d.name for d in settings.destinations} and not returning:
             return False, f"destination {destination!r} is no longer configured"
+        if returning:
+            spool = Spool(returnpath.spool_dir(settings))
         target = spool.path_for(entry["sop_instance_uid"])
         size = spool.write(target, copier(source))
         store.requeue(destination, {**entry, "path": str(target), "size": size,

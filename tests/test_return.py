@@ -462,3 +462,38 @@ def test_routes_cannot_send_outbound_data_to_a_return_destination(tmp_path):
     with pytest.raises(config.ConfigError, match="no destination named 'hospital'"):
         _load(tmp_path, '[[routes]]\ndestinations = ["hospital"]\n[return]\nae_title = "R"\nport = 11114\n'
                         '[[return.destinations]]\nname = "hospital"\nae_title = "H"\nhost = "h"\nport = 1\n')
+
+
+def test_a_result_the_hospital_refuses_is_quarantined_then_released_to_it(tmp_path, make_node, make_storescp):
+    from pynetdicom import AE, AllStoragePresentationContexts, evt
+
+    reader = make_storescp(name="reader").start()
+    hospital_port = free_port()
+    refusing = AE(ae_title="HOSPACS")
+    refusing.supported_contexts = AllStoragePresentationContexts
+    server = refusing.start_server(("127.0.0.1", hospital_port), block=False,
+                                   evt_handlers=[(evt.EVT_C_STORE, lambda event: 0xC000)])
+    node = with_return(make_node([("TELERAD", reader.port)]), hospital_port, "max_failures = 1\n").start()
+    study = make_study(tmp_path / "study", instances=1, series=1)
+    assert storescu(node.port, study.files).returncode == 0
+    assert wait_for(lambda: len(reader.files()) == 1, 60)
+    report = sr_report(read_all(reader.files()))
+    assert send_back(node, [write(report, tmp_path / "results", "sr")]).returncode == 0
+
+    def held() -> list[dict]:
+        return json.loads(node.cli("quarantine", "list", "--json", check=True).stdout)
+
+    try:
+        assert wait_for(lambda: len(held()) == 1, 60), "the refused result was not quarantined"
+    finally:
+        server.shutdown()
+    assert held()[0]["kind"] == "send_failed" and held()[0]["destination"] == "hospital"
+    assert held()[0]["sop_instance_uid"] == report.SOPInstanceUID  # the reader's UID names it, no original
+    hospital = StoreSCP(tmp_path / "hospital", hospital_port, "HOSPACS").start()
+    try:
+        assert node.cli("quarantine", "retry", "--all").returncode == 0
+        assert wait_for(lambda: len(hospital.files()) == 1, 60)
+        assert read_all(hospital.files())[0].PatientID == PHI["PatientID"]
+    finally:
+        hospital.stop()
+    assert len(reader.files()) == 1
