@@ -30,7 +30,7 @@ import sqlite3
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import hl7
 
@@ -67,7 +67,7 @@ class Delimiters:
     def __init__(self, msh: str) -> None:
         if not msh.startswith("MSH") or len(msh) < 8:
             raise NotAccepted("not an HL7 v2 message (no MSH segment)")
-        self.field, self.component, self.repetition, self.escape_char, self.sub = msh[3:8]
+        self.field, self.component, self.repetition, self.escape_char, self.sub = tuple(msh[3:8])
 
     def escape(self, text: str) -> str:
         e = self.escape_char
@@ -275,7 +275,11 @@ class Service:
         key = f"{_SAFE_KEY.sub('_', control_id)[:40]}.{hashlib.sha256(payload).hexdigest()[:12]}"
         target = self.folder / f"{key}.hl7"
         data = out.encode(encoding, "replace")
-        size = atomic_write(target, lambda handle: handle.write(data))
+
+        def write(handle: BinaryIO) -> None:
+            handle.write(data)
+
+        size = atomic_write(target, write)
         with self.store.batch():
             self.store.enqueue([HL7_QUEUE], key=key, sop_class_uid="ORU^R01", transfer_syntax=encoding,
                                path=str(target), size=size)

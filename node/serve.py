@@ -71,10 +71,10 @@ def run(parts: Parts, stop: threading.Event) -> None:
     returning = _return_path(settings, store, quarantine)
     pool = _Workers(parts)
     try:
+        _start_return(returning)  # before the workers: once node.port answers, the return AE does too
         pool.start()
         for forwarder in forwarders:
             forwarder.start()
-        _start_return(returning)
         store.audit("node_started", ae_title=settings.ae_title, port=settings.port, workers=settings.workers,
                     version=__version__)
         logger.info("node_started", version=__version__, port=settings.port, workers=settings.workers,
