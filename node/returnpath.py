@@ -37,7 +37,9 @@ from pydicom.multival import MultiValue
 from node import log
 from node.config import HL7_QUEUE, ReturnPath, Settings
 from node.deid.pseudonyms import Pseudonymizer, load_or_create_key, patient_key
-from node.deid.rules import _vr  # the engine's VR without reading a deferred value: one definition
+from node.deid.rules import (
+    _vr,  # the engine's VR without reading a deferred value: one definition
+)
 from node.keys import MappingKeyError
 from node.pipeline import (
     OUT_OF_RESOURCES,
@@ -80,7 +82,7 @@ class Found:
 
     pseudonym: str
     level: str  # instance | series | study | patient | uid
-    original: str
+    original: str = field(repr=False)
     patient: str  # the pseudonymous PatientID it belongs to; "" for a bare UID
     row: dict[str, Any] = field(repr=False, compare=False)
 
@@ -228,6 +230,17 @@ def _values(value: Any) -> list[str]:
     return [str(v) for v in value] if isinstance(value, (MultiValue, list)) else [str(value)]
 
 
+def _find(ds: Dataset, resolver: Resolver) -> None:
+    """Look up every UID and every pseudonym-shaped token in text (the resolver remembers them)."""
+    for item, tag, vr in _elements(ds):
+        if vr == "UI":
+            for value in _values(item[tag].value):
+                resolver.value(value)
+        elif vr in TEXT_VRS:
+            for value in _values(item[tag].value):
+                resolver.scan(value)
+
+
 def _set(ds: Dataset, tag: int, values: list[str]) -> None:
     ds[tag].value = values if len(values) > 1 else (values[0] if values else None)
 
@@ -243,12 +256,7 @@ class Reidentifier:
     def apply(self, ds: Dataset) -> Resolver:
         """Re-identify `ds` in place; returns the resolver (the mappings used). Raises Refused."""
         resolver = Resolver(self.store, self.pseudonyms.organization)
-        for item, tag, vr in _elements(ds):  # first find every pseudonym: refuse before changing anything
-            for value in _values(item[tag].value):
-                if vr == "UI":
-                    resolver.value(value)
-                else:
-                    resolver.scan(value)
+        _find(ds, resolver)  # every pseudonym first: refuse before changing anything
         who = identity(resolver, self.pseudonyms, self.modified_dates)
         study = resolver.study(str(ds.get("StudyInstanceUID", "")), str(ds.get("AccessionNumber", "")))
         for item, tag, vr in _elements(ds):

@@ -127,3 +127,15 @@ def test_hl7_birth_date_shifted_back_when_the_mapping_has_none(tmp_path, store):
     out, _ = hl7.reidentify(message, Reidentifier(store, pseudonyms, True))
     assert out.split("\r")[1].split("|")[7] == shift_date("20000101", offset)
     assert shift_date("20000101", 0) == "20000101" and shift_date("junk", 5) == "junk"
+
+
+def test_found_and_identity_reprs_carry_no_original(tmp_path, store):
+    ds, record, _, pseudonyms = outbound(tmp_path)
+    store.record_mapping(record, source="test")
+    from node.returnpath import Resolver, identity
+
+    resolver = Resolver(store, "TESTORG")
+    found = resolver.value(str(ds.PatientID))
+    assert found is not None and found.original == PHI["PatientID"]
+    shown = repr(found) + repr(identity(resolver, pseudonyms, False)) + repr(resolver.used())
+    assert PHI["PatientID"] not in shown and "SMITHERSON" not in shown and str(ds.PatientID) in shown
