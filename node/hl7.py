@@ -165,12 +165,12 @@ def ack(received: str, code: str, control_id: str, reason: str = "") -> str:
         msh = segments(received)[0].split(marks.field)
     except (NotAccepted, IndexError):
         marks, msh = Delimiters("MSH|^~\\&"), []
-    msh += [""] * (13 - len(msh))
+    msh += [""] * (12 - len(msh))  # msh[n] is MSH-(n+1): MSH-1 is the separator itself
     f = marks.field
     now = time.strftime("%Y%m%d%H%M%S", time.gmtime())
-    head = f.join(["MSH", msh[1] or "^~\\&", msh[5], msh[6], msh[3], msh[4], now, "",
-                   f"ACK{marks.component}R01{marks.component}ACK", f"ACK{int(time.time() * 1000)}", msh[11] or "P",
-                   msh[12] or "2.5"])
+    head = f.join(["MSH", msh[1] or "^~\\&", msh[4], msh[5], msh[2], msh[3], now, "",
+                   f"ACK{marks.component}R01{marks.component}ACK", f"ACK{int(time.time() * 1000)}", msh[10] or "P",
+                   msh[11] or "2.5"])
     text = f.join(["MSA", code, marks.escape(control_id)] + ([marks.escape(reason[:80])] if reason else []))
     return f"{head}\r{text}\r"
 

@@ -139,3 +139,12 @@ def test_found_and_identity_reprs_carry_no_original(tmp_path, store):
     assert found is not None and found.original == PHI["PatientID"]
     shown = repr(found) + repr(identity(resolver, pseudonyms, False)) + repr(resolver.used())
     assert PHI["PatientID"] not in shown and "SMITHERSON" not in shown and str(ds.PatientID) in shown
+
+
+def test_ack_swaps_sender_and_receiver_and_quotes_the_control_id():
+    received = "MSH|^~\\&|TELERAD|READER|TELENODE|HOSP|20261201||ORU^R01|C9|T|2.4\rPID|1\r"
+    msh, msa = [s.split("|") for s in hl7.ack(received, "AE", "C9", "none of ours").split("\r")[:2]]
+    assert msh[2:6] == ["TELENODE", "HOSP", "TELERAD", "READER"]
+    assert msh[8] == "ACK^R01^ACK" and msh[10:12] == ["T", "2.4"]
+    assert msa == ["MSA", "AE", "C9", "none of ours"]
+    assert hl7.ack_code(hl7.frame(hl7.ack(received, "AA", "C9"), "utf-8")[1:-2]) == "AA"
