@@ -497,3 +497,20 @@ def test_a_result_the_hospital_refuses_is_quarantined_then_released_to_it(tmp_pa
     finally:
         hospital.stop()
     assert len(reader.files()) == 1
+
+
+def test_a_taken_return_port_stops_the_start_with_one_line(tmp_path, make_node):
+    import socket
+    import sys
+
+    from conftest import REPO
+
+    node = with_return(make_node([("TELERAD", free_port())]), free_port())
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", node.return_port))
+        taken.listen()
+        result = subprocess.run([sys.executable, "-m", "node", "serve", "--config", str(node.config)],
+                                capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert result.returncode != 0
+    assert f"cannot listen on 127.0.0.1:{node.return_port}" in result.stderr
+    assert "Traceback" not in result.stderr
