@@ -358,6 +358,8 @@ class Sender:
                 self._wake.clear()
 
     def _step(self) -> float:
+        if self.store.is_paused(HL7_QUEUE):  # `telenode pause return.hl7`: keep accepting, send nothing
+            return 1.0
         rows = self.store.claim_batch(HL7_QUEUE, 1)
         if not rows:
             due = self.store.next_due(HL7_QUEUE)
