@@ -24,7 +24,7 @@ import threading
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-from node import __version__, config, log, serve
+from node import __version__, config, log, returnpath, serve
 from node.deid import Deidentifier, Pseudonymizer, load_or_create_key
 from node.deid.guard import Guard
 from node.deid.pseudonyms import KeyFileError
@@ -282,9 +282,12 @@ def cmd_status(args: argparse.Namespace) -> int:
         by_kind[entry.get("kind", "other")] = by_kind.get(entry.get("kind", "other"), 0) + 1
     for destination in settings.destinations:
         queues.setdefault(destination.name, empty_status())
+    returning = _return_queues(settings)
+    for name in returning:
+        queues.setdefault(name, empty_status())
     if args.json:
-        print(json.dumps({"destinations": queues, "quarantine": quarantined, "quarantine_by_kind": by_kind},
-                         indent=2, sort_keys=True))
+        print(json.dumps({"destinations": queues, "quarantine": quarantined, "quarantine_by_kind": by_kind,
+                          "return_destinations": returning}, indent=2, sort_keys=True))
         return 0
     print(f"{'destination':<20} {'state':<7} {'pending':>8} {'sending':>8} {'sent':>8} {'failed':>8} "
           f"{'oldest':>9}  last error")
@@ -293,14 +296,25 @@ def cmd_status(args: argparse.Namespace) -> int:
         state = "paused" if row.get("paused") else "active"
         print(f"{name:<20} {state:<7} {row['pending']:>8} {row['inflight']:>8} {row['sent']:>8} {row['failed']:>8} "
               f"{'-' if age is None else f'{age:.0f}s':>9}  {row.get('last_error') or ''}")
+    if returning:
+        print(f"return path (re-identified, to the hospital): {', '.join(returning)}")
     kinds = ", ".join(f"{kind} {count}" for kind, count in sorted(by_kind.items()))
     print(f"quarantine: {quarantined} instance(s) in {settings.quarantine_dir}" + (f" ({kinds})" if kinds else ""))
     return 0
 
 
+def _return_queues(settings: config.Settings) -> list[str]:
+    """The queues of [return]: its destinations, and the RIS when [return.hl7] is on."""
+    ret = settings.return_path
+    if ret is None:
+        return []
+    return [d.name for d in ret.destinations] + ([config.HL7_QUEUE] if ret.hl7 is not None else [])
+
+
 def _destination_name(settings: config.Settings, name: str) -> str:
-    if name not in {d.name for d in settings.destinations}:
-        known = ", ".join(d.name for d in settings.destinations)
+    names = [d.name for d in settings.destinations] + _return_queues(settings)
+    if name not in names:
+        known = ", ".join(names)
         raise Fatal(f"telenode: no destination named {name!r} (configured: {known})", 1)
     return name
 
@@ -496,8 +510,11 @@ def _release(entry: dict, quarantine: Quarantine, store: Store, spool: Spool, pi
     source = quarantine.file(entry["id"])
     if entry.get("kind") == "send_failed":
         destination = entry.get("destination", "")
-        if destination not in {d.name for d in settings.destinations}:
+        returning = destination in _return_queues(settings)  # a re-identified result: its own spool
+        if destination not in {d.name for d in settings.destinations} and not returning:
             return False, f"destination {destination!r} is no longer configured"
+        if returning:
+            spool = Spool(returnpath.spool_dir(settings))
         target = spool.path_for(entry["sop_instance_uid"])
         size = spool.write(target, copier(source))
         store.requeue(destination, {**entry, "path": str(target), "size": size,

@@ -147,6 +147,7 @@ class Settings:
     audit_file: Path | None = None  # audit records also appended here as JSON lines (for a SIEM)
     audit_syslog: str = ""  # audit records also sent to syslog: "/dev/log", "host:port" (UDP)
     warnings: tuple[str, ...] = ()  # valid but risky settings, logged at start
+    return_path: "ReturnPath | None" = None  # [return]: results from the reader, re-identified; None: off
 
     @property
     def mapping_key(self) -> Path:
@@ -167,6 +168,38 @@ class Settings:
     @property
     def spool_dir(self) -> Path:
         return self.data_dir / "spool"
+
+
+@dataclass(frozen=True)
+class HL7Return:
+    """[return.hl7]: an MLLP listener for ORU^R01 reports, forwarded re-identified to the hospital RIS."""
+
+    port: int
+    forward_host: str
+    forward_port: int
+    host: str = "0.0.0.0"  # defaults to the [return] host
+    timeout: float = 30.0  # seconds for a peer to send a frame, and for the RIS to answer with its ACK
+    retry_delay: float = 5.0
+    max_retry_delay: float = 300.0
+    max_failures: int = 5  # negative ACKs (AE/AR) from the RIS before a message is failed
+
+
+#: The queue's destination name for HL7 messages on their way to the RIS (no DICOM destination may take it).
+HL7_QUEUE = "return.hl7"
+
+
+@dataclass(frozen=True)
+class ReturnPath:
+    """[return]: the AE the teleradiology side sends results to; they leave re-identified, only to
+    `destinations` (never an outbound destination)."""
+
+    ae_title: str
+    host: str
+    port: int
+    allowed_calling_aets: tuple[str, ...]
+    destinations: tuple[Destination, ...]
+    tls: TLS | None = None
+    hl7: HL7Return | None = None
 
 
 # A key's spec: (type(s) accepted, default or REQUIRED, extra check returning an error or None).
@@ -314,6 +347,25 @@ SECURITY_KEYS: dict[str, tuple[Any, Any, Check | None]] = {
     "audit_file": (str, "", None),
     "audit_syslog": (str, "", None),
 }
+RETURN_KEYS: dict[str, tuple[Any, Any, Check | None]] = {
+    "ae_title": (str, REQUIRED, _ae),
+    "host": (str, "", None),
+    "port": (int, REQUIRED, _port),
+    "allowed_calling_aets": (list, [], _aets),
+    "tls": (dict, {}, None),
+    "destinations": (list, [], None),
+    "hl7": (dict, {}, None),
+}
+HL7_KEYS: dict[str, tuple[Any, Any, Check | None]] = {
+    "port": (int, REQUIRED, _port),
+    "forward_host": (str, REQUIRED, lambda v: None if v.strip() else "must not be empty"),
+    "forward_port": (int, REQUIRED, _port),
+    "host": (str, "", None),
+    "timeout": (NUMBER, 30.0, _positive),
+    "retry_delay": (NUMBER, 5.0, _positive),
+    "max_retry_delay": (NUMBER, 300.0, _positive),
+    "max_failures": (int, 5, _positive),
+}
 ROUTE_KEYS: dict[str, tuple[Any, Any, Check | None]] = {
     "name": (str, "", None),
     "destinations": (list, [], None),
@@ -384,7 +436,7 @@ def load(path: str | os.PathLike[str]) -> Settings:
         raise ConfigError(f"{path}: cannot read config file ({exc.strerror})") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML ({exc})") from None
-    known = {"node", "anonymization", "destinations", "routes", "security"}
+    known = {"node", "anonymization", "destinations", "routes", "security", "return"}
     for key in raw:
         if key not in known:
             raise ConfigError(f"{path}: {key}: unknown section (known: {', '.join(sorted(known))})")
@@ -396,6 +448,7 @@ def load(path: str | os.PathLike[str]) -> Settings:
     routes = _routes(path, raw.get("routes", []), {d.name for d in destinations})
     key_file = _resolve(base, anon["key_file"])
     _check_key_file(path, key_file)
+    return_path = _return(path, raw.get("return"), base, node, destinations)
     return Settings(
         path=path.resolve(),
         ae_title=node["ae_title"],
@@ -427,7 +480,8 @@ def load(path: str | os.PathLike[str]) -> Settings:
         operators=tuple(o.strip() for o in security["operators"]),
         audit_file=_resolve(base, security["audit_file"]) if security["audit_file"] else None,
         audit_syslog=security["audit_syslog"],
-        warnings=_warnings(destinations),
+        warnings=_warnings(destinations) + _return_warnings(return_path),
+        return_path=return_path,
     )
 
 
@@ -441,15 +495,15 @@ def _tls_file(path: Path, where: str, base: Path, value: str) -> Path | None:
     return resolved
 
 
-def _listener_tls(path: Path, raw: dict, base: Path, plain_port: int) -> TLS | None:
+def _listener_tls(path: Path, raw: dict, base: Path, plain_port: int, where: str = "node.tls") -> TLS | None:
     """[node.tls]: a TLS listener beside (or, on node.port, instead of) the plain one."""
     if not raw:
         return None
-    values = _section(path, "node.tls", raw, LISTENER_TLS_KEYS)
-    files = {key: _tls_file(path, f"node.tls.{key}", base, values[key])
+    values = _section(path, where, raw, LISTENER_TLS_KEYS)
+    files = {key: _tls_file(path, f"{where}.{key}", base, values[key])
              for key in ("certificate", "private_key", "ca_certificates")}
     if values["require_client_cert"] and files["ca_certificates"] is None:
-        raise ConfigError(f"{path}: node.tls.ca_certificates: required when require_client_cert = true "
+        raise ConfigError(f"{path}: {where}.ca_certificates: required when require_client_cert = true "
                           "(the CA that signs the clients' certificates)")
     return TLS(**files, min_version=values["min_version"], require_client_cert=values["require_client_cert"],
                port=values["port"], handshake_timeout=float(values["handshake_timeout"]))
@@ -471,12 +525,26 @@ def _destination_tls(path: Path, where: str, raw: dict, base: Path) -> TLS | Non
 LOOPBACK = ("127.", "::1", "localhost")
 
 
-def _warnings(destinations: tuple[Destination, ...]) -> tuple[str, ...]:
+def _warnings(destinations: tuple[Destination, ...], where: str = "destinations") -> tuple[str, ...]:
     return tuple(
-        f"destinations.{d.name}: TLS is off for {d.host}, which is not loopback: the anonymized data "
+        f"{where}.{d.name}: TLS is off for {d.host}, which is not loopback: the anonymized data "
         "crosses the network in the clear (add a [destinations.tls] table)"
         for d in destinations if d.tls is None and not d.host.startswith(LOOPBACK)
     )
+
+
+def _return_warnings(ret: ReturnPath | None) -> tuple[str, ...]:
+    """Re-identified data in the clear, or a return AE anyone may send to."""
+    if ret is None:
+        return ()
+    warnings = list(_warnings(ret.destinations, "return.destinations"))
+    if not ret.allowed_calling_aets:
+        warnings.append("return.allowed_calling_aets is empty: any calling AE may send results to be "
+                        "re-identified and filed at the hospital (list the reader's AE titles)")
+    if ret.hl7 is not None and not ret.hl7.forward_host.startswith(LOOPBACK):
+        warnings.append(f"return.hl7: reports go to {ret.hl7.forward_host} as plain MLLP, re-identified, "
+                        "in the clear (use a VPN or a TLS tunnel)")
+    return tuple(warnings)
 
 
 def _routes(path: Path, raw: Any, names: set[str]) -> tuple[Route, ...]:
@@ -556,15 +624,15 @@ def _pixel_rules(path: Path, raw: list) -> tuple[PixelRule, ...]:
     return tuple(rules)
 
 
-def _destinations(path: Path, raw: Any, base: Path) -> tuple[Destination, ...]:
+def _destinations(path: Path, raw: Any, base: Path, where: str = "destinations") -> tuple[Destination, ...]:
     if raw is None or raw == []:
-        raise ConfigError(f"{path}: destinations: at least one [[destinations]] table is required")
+        raise ConfigError(f"{path}: {where}: at least one [[{where}]] table is required")
     if not isinstance(raw, list):
-        raise ConfigError(f"{path}: destinations: must be an array of tables ([[destinations]])")
+        raise ConfigError(f"{path}: {where}: must be an array of tables ([[{where}]])")
     result = []
     for index, item in enumerate(raw):
-        values = _section(path, f"destinations[{index}]", item, DEST_KEYS)
-        values["tls"] = _destination_tls(path, f"destinations[{index}]", item, base)
+        values = _section(path, f"{where}[{index}]", item, DEST_KEYS)
+        values["tls"] = _destination_tls(path, f"{where}[{index}]", item, base)
         for key in ("connect_timeout", "acse_timeout", "dimse_timeout", "network_timeout",
                     "retry_delay", "retry_multiplier", "max_retry_delay"):
             values[key] = float(values[key])
@@ -572,5 +640,34 @@ def _destinations(path: Path, raw: Any, base: Path) -> tuple[Destination, ...]:
     names = [d.name for d in result]
     for index, name in enumerate(names):
         if names.index(name) != index:
-            raise ConfigError(f"{path}: destinations[{index}].name: duplicate destination name {name!r}")
+            raise ConfigError(f"{path}: {where}[{index}].name: duplicate destination name {name!r}")
     return tuple(result)
+
+
+def _return(path: Path, raw: Any, base: Path, node: dict[str, Any],
+            outbound: tuple[Destination, ...]) -> ReturnPath | None:
+    """[return] with its [[return.destinations]] and optional [return.hl7]; None when absent."""
+    if raw is None:
+        return None
+    values = _section(path, "return", raw, RETURN_KEYS)
+    host = values["host"] or node["host"]
+    destinations = _destinations(path, values["destinations"], base, "return.destinations")
+    taken = {d.name for d in outbound} | {HL7_QUEUE}
+    for index, destination in enumerate(destinations):
+        if destination.name in taken:  # one queue table: a shared name would mix outbound and return rows
+            raise ConfigError(f"{path}: return.destinations[{index}].name: {destination.name!r} is already the "
+                              "name of an outbound destination (or reserved); return destinations need their own")
+    ports = {node["port"]} | ({node["tls"]["port"]} if node["tls"].get("port") else set())
+    if values["port"] in ports:
+        raise ConfigError(f"{path}: return.port: {values['port']} is already the node's port")
+    hl7 = None
+    if values["hl7"]:
+        h = _section(path, "return.hl7", values["hl7"], HL7_KEYS)
+        if h["port"] in ports | {values["port"]}:
+            raise ConfigError(f"{path}: return.hl7.port: {h['port']} is already a DICOM port of the node")
+        hl7 = HL7Return(port=h["port"], forward_host=h["forward_host"], forward_port=h["forward_port"],
+                        host=h["host"] or host, timeout=float(h["timeout"]), retry_delay=float(h["retry_delay"]),
+                        max_retry_delay=float(h["max_retry_delay"]), max_failures=h["max_failures"])
+    return ReturnPath(ae_title=values["ae_title"], host=host, port=values["port"],
+                      allowed_calling_aets=tuple(values["allowed_calling_aets"]), destinations=destinations,
+                      tls=_listener_tls(path, values["tls"], base, values["port"], "return.tls"), hl7=hl7)

@@ -33,7 +33,7 @@ from pathlib import Path
 from multiprocessing.connection import Connection, wait
 from typing import Any, Callable, Sequence
 
-from node import __version__, config, log
+from node import __version__, config, log, returnpath
 from node.forward import Forwarder
 from node.spool import Quarantine, Spool
 from node.store import Store
@@ -68,8 +68,10 @@ def run(parts: Parts, stop: threading.Event) -> None:
     quarantine = Quarantine(settings.quarantine_dir)
     forwarders = [Forwarder(d, store, spool, settings.ae_title, quarantine, worker)
                   for d in settings.destinations for worker in range(d.parallel)]
+    returning = _return_path(settings, store, quarantine)
     pool = _Workers(parts)
     try:
+        _start_return(returning)  # before the workers: once node.port answers, the return AE does too
         pool.start()
         for forwarder in forwarders:
             forwarder.start()
@@ -85,7 +87,12 @@ def run(parts: Parts, stop: threading.Event) -> None:
                     forwarder.wake()
             pool.restart_dead()
     finally:
-        _stop(pool, forwarders, time.monotonic() + settings.stop_timeout)
+        deadline = time.monotonic() + settings.stop_timeout
+        if returning is not None and returning.listeners is not None:
+            _drain(returning.listeners, deadline)  # the reader's C-STOREs finish before the rest stops
+        _stop(pool, forwarders, deadline)
+        if returning is not None:
+            returning.stop(deadline)
     store.audit("node_stopped")
     logger.info("node_stopped")
 
@@ -101,6 +108,23 @@ def _probe_ports(settings: config.Settings) -> None:
                 probe.bind((settings.host, port))
             except OSError as exc:
                 raise StartError(f"cannot listen on {settings.host}:{port}: {exc.strerror}") from None
+
+
+def _return_path(settings: config.Settings, store: Store, quarantine: Quarantine) -> returnpath.Service | None:
+    """[return]: its ports checked like the node's; None when the section is absent."""
+    if settings.return_path is None:
+        return None
+    _probe_ports(returnpath.listener_settings(settings, settings.return_path))
+    return returnpath.Service(settings, store, quarantine)
+
+
+def _start_return(returning: returnpath.Service | None) -> None:
+    if returning is None:
+        return
+    try:
+        returning.start()
+    except OSError as exc:
+        raise StartError(f"return path: cannot listen: {exc.strerror or exc}") from None
 
 
 def _stop(pool: "_Workers", forwarders: Sequence[Forwarder], deadline: float) -> None:

@@ -560,6 +560,24 @@ class Store:
                 "last_error": None,
             })
 
+    def enqueue(self, destinations: Sequence[str], *, key: str, sop_class_uid: str, transfer_syntax: str,
+                path: str, size: int, priority: int = 0) -> None:
+        """Queue one spooled file that is not an outbound de-identified instance (the return path's
+        re-identified results and HL7 reports) under `key` (a pseudonym or reader-minted UID, never an
+        original). A row still pending for the same destination and key is updated: one send."""
+        now = _now()
+        with self._lock, self._tx():
+            for destination in destinations:
+                updated = self.db.execute(
+                    "UPDATE queue SET priority = MAX(priority, ?), size = ?, transfer_syntax = ?, path = ?, "
+                    "sop_class_uid = ?, updated = ? WHERE destination = ? AND pseudo_sop_instance_uid = ? "
+                    "AND status = ?", [priority, size, transfer_syntax, path, sop_class_uid, now, destination, key,
+                                       PENDING]).rowcount
+                if not updated:
+                    self.requeue(destination, {"pseudo_sop_instance_uid": key, "sop_class_uid": sop_class_uid,
+                                               "transfer_syntax": transfer_syntax, "path": path, "size": size,
+                                               "priority": priority})
+
     def note_error(self, destination: str, error: str) -> None:
         """Remember a destination-wide problem (remote down, refusing associations), for `status`."""
         with self._lock, self._tx():
