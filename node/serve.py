@@ -33,7 +33,7 @@ from pathlib import Path
 from multiprocessing.connection import Connection, wait
 from typing import Any, Callable, Sequence
 
-from node import __version__, config, log
+from node import __version__, config, log, metrics
 from node.forward import Forwarder
 from node.spool import Quarantine, Spool
 from node.store import Store
@@ -68,9 +68,14 @@ def run(parts: Parts, stop: threading.Event) -> None:
     quarantine = Quarantine(settings.quarantine_dir)
     forwarders = [Forwarder(d, store, spool, settings.ae_title, quarantine, worker)
                   for d in settings.destinations for worker in range(d.parallel)]
+    if settings.http is not None:  # before any worker starts: they inherit the metrics folder
+        metrics.enable(settings.data_dir)
+        metrics.prime(tuple(d.name for d in settings.destinations))
     pool = _Workers(parts)
+    gateway = None
     try:
         pool.start()
+        gateway = _gateway(parts, forwarders, pool)
         for forwarder in forwarders:
             forwarder.start()
         store.audit("node_started", ae_title=settings.ae_title, port=settings.port, workers=settings.workers,
@@ -85,9 +90,29 @@ def run(parts: Parts, stop: threading.Event) -> None:
                     forwarder.wake()
             pool.restart_dead()
     finally:
+        if gateway is not None:
+            gateway.stop()
         _stop(pool, forwarders, time.monotonic() + settings.stop_timeout)
     store.audit("node_stopped")
     logger.info("node_stopped")
+
+
+def _gateway(parts: Parts, forwarders: Sequence[Forwarder], pool: "_Workers") -> Any:
+    """The HTTP gateway ([http]) in this process, once the workers listen; None without [http]."""
+    if parts.settings.http is None:
+        return None
+    from node.http.server import Gateway, GatewayError  # only nodes with [http] load starlette and uvicorn
+
+    def wake() -> None:
+        for forwarder in forwarders:
+            forwarder.wake()
+
+    try:
+        gateway = Gateway(parts.settings, parts.open_worker, wake, pool.healthy)
+        gateway.start()
+    except GatewayError as exc:
+        raise StartError(str(exc)) from None
+    return gateway
 
 
 def _probe_ports(settings: config.Settings) -> None:
@@ -171,6 +196,10 @@ class _Workers:
             self.failure = f"worker {index}: {message[len(FAILED):].decode('utf-8', 'replace')}"
             self.log.error("worker_failed", worker=index, reason=self.failure)
         return False
+
+    def healthy(self) -> bool:
+        """Every worker process alive and listening."""
+        return all(self.ready) and all(p is not None and p.is_alive() for p in self.processes)
 
     def restart_dead(self) -> None:
         """A worker that died (a crash, the OOM killer) is replaced; its acknowledged work is durable."""
