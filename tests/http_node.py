@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable, Iterator
 
 import httpx
+import pytest
 
-from conftest import Node, free_port, wait_for
+from conftest import Node, StoreSCP, free_port, wait_for
 
 
 class HttpNode(Node):
@@ -47,3 +49,26 @@ class HttpNode(Node):
         token = self.token if token is None else token
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         return httpx.Client(base_url=self.url, headers=headers, timeout=60, verify=False)
+
+
+@pytest.fixture
+def make_http_node(tmp_path: Path) -> Iterator[Callable[..., HttpNode]]:
+    """Like conftest's make_node, with [http] on a free port; import it into the test module."""
+    nodes: list[HttpNode] = []
+
+    def factory(destinations: list[tuple[str, int]], **kwargs) -> HttpNode:
+        node = HttpNode(tmp_path / f"httpnode{len(nodes)}", destinations, **kwargs)
+        nodes.append(node)
+        return node
+
+    yield factory
+    for node in nodes:
+        node.kill()
+
+
+@pytest.fixture(scope="module")
+def remote(tmp_path_factory) -> Iterator[StoreSCP]:
+    """One DCMTK storescp for a module's node; import it into the test module."""
+    peer = StoreSCP(tmp_path_factory.mktemp("remote"), free_port()).start()
+    yield peer
+    peer.stop()

@@ -8,29 +8,18 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import stat
-import subprocess
-import sys
 from datetime import datetime
 from pathlib import Path
 
-import httpx
 import pydicom
 import pytest
 
-from conftest import REPO, StoreSCP, free_port, storescu, wait_for
-from http_node import HttpNode
+from conftest import free_port, storescu, wait_for
+from http_node import HttpNode, make_http_node, remote  # noqa: F401 (fixtures)
 from studies import PHI, make_study
 
 pytestmark = pytest.mark.dcmtk
-
-
-@pytest.fixture(scope="module")
-def remote(tmp_path_factory) -> StoreSCP:
-    peer = StoreSCP(tmp_path_factory.mktemp("remote"), free_port()).start()
-    yield peer
-    peer.stop()
 
 
 @pytest.fixture(scope="module")
@@ -212,3 +201,124 @@ def test_same_pseudonyms_over_http_and_over_c_store(node, api, remote, tmp_path)
         assert getattr(over_http, keyword) == getattr(by_cstore, keyword), keyword
     assert answer.headers["x-cloud-study-id"] == by_cstore.AccessionNumber
     assert over_http.PixelData == by_cstore.PixelData
+
+
+# -- batch-prepare -----------------------------------------------------------------------------------
+
+
+def _prepare(api, folder, **extra):
+    return api.post("/api/batch-prepare", json={"StudyDirectory": str(folder), **extra})
+
+
+def test_batch_prepare_stages_every_study_with_a_manifest(node, api, roots):
+    folder = roots / "two-studies"
+    first = make_study(folder / "patient-a" / "study1", instances=3, series=2)
+    second = make_study(folder / "patient-b", instances=2, series=1, phi={"AccessionNumber": "ACC5550001"})
+    (folder / "notes.txt").write_text("not dicom")
+    answer = _prepare(api, folder, Priority="STAT", OrganizationId="TESTORG")
+    assert answer.status_code == 200, answer.text
+    result = answer.json()
+    assert set(result) == {"BatchId", "Success", "TotalFiles", "SuccessfulFiles", "ManifestPath",
+                           "StagingDirectory"}
+    assert result["TotalFiles"] == 6 and result["SuccessfulFiles"] == 5 and result["Success"] is False
+    staging = Path(result["StagingDirectory"])
+    assert Path(result["ManifestPath"]) == staging / "manifest.json"
+    manifest = json.loads(Path(result["ManifestPath"]).read_text())
+    assert manifest["Version"] == "1.0" and manifest["BatchId"] == result["BatchId"]
+    assert manifest["Priority"] == "STAT" and datetime.fromisoformat(manifest["SubmittedAt"]).tzinfo
+    assert manifest["TotalStudies"] == 2 and manifest["TotalImages"] == 5
+    by_count = {s["ImageCount"]: s for s in manifest["Studies"]}
+    assert set(by_count) == {3, 2}
+    assert sorted(by_count[3]["Files"]) == [f"patient-a/study1/IM{i:04d}.dcm" for i in range(3)]
+    for entry in manifest["Studies"]:
+        assert entry["StudyInstanceUID"].startswith("2.25.") and len(entry["CloudStudyId"]) == 16
+        for relative in entry["Files"]:
+            staged = pydicom.dcmread(staging / relative)
+            assert staged.StudyInstanceUID == entry["StudyInstanceUID"]
+            assert staged.AccessionNumber == entry["CloudStudyId"]
+            assert_no_phi((staging / relative).read_bytes(), first)
+            assert_no_phi((staging / relative).read_bytes(), second)
+    assert_no_phi(json.dumps(manifest).encode(), first)
+    progress = api.get(f"/api/batches/{result['BatchId']}")
+    assert progress.status_code == 200
+    assert progress.json() == {"BatchId": result["BatchId"], "State": "done", "TotalFiles": 6, "ProcessedFiles": 6,
+                               "SuccessfulFiles": 5, "ManifestPath": result["ManifestPath"]}
+
+
+def test_batch_prepare_without_destinations_queues_nothing_with_them_delivers(node, api, roots, remote):
+    study = make_study(roots / "to-send", instances=3, series=1)
+    before = set(remote.files())
+    quiet = _prepare(api, study.files[0].parent)
+    assert quiet.status_code == 200 and quiet.json()["Success"] is True
+    status = json.loads(node.cli("status", "--json", check=True).stdout)["destinations"]["remote0"]
+    assert status["pending"] + status["inflight"] == 0
+    sent = _prepare(api, study.files[0].parent, Destinations=["remote0"])
+    assert sent.status_code == 200 and sent.json()["SuccessfulFiles"] == 3
+    assert wait_for(lambda: len(set(remote.files()) - before) == 3, 30), "the batch did not reach the remote"
+    for path in set(remote.files()) - before:
+        assert_no_phi(path.read_bytes(), study)
+
+
+def test_batch_prepare_403_outside_the_roots_whether_or_not_it_exists(api, roots, tmp_path):
+    outside = tmp_path / "outside"
+    make_study(outside, instances=1, series=1)
+    (roots / "escape").symlink_to(outside, target_is_directory=True)
+    for folder in (outside, tmp_path / "missing-outside", "/etc", "/", f"{roots}/../{outside.name}",
+                   f"{roots}/../../../../etc", roots / "escape", roots / "escape" / "..", "relative/inside",
+                   f"{roots}-sibling"):
+        answer = _prepare(api, folder)
+        assert answer.status_code == 403, (folder, answer.text)
+        assert set(answer.json()) == {"error"} and str(tmp_path) not in answer.text
+
+
+def test_batch_prepare_does_not_follow_a_symlinked_file_out_of_the_roots(api, roots, tmp_path):
+    folder = roots / "with-link"
+    make_study(folder, instances=2, series=1)
+    secret = make_study(tmp_path / "secret", instances=1, series=1)
+    (folder / "sneaky.dcm").symlink_to(secret.files[0])
+    (folder / "linked-dir").symlink_to(secret.files[0].parent, target_is_directory=True)
+    answer = _prepare(api, folder)
+    assert answer.status_code == 200
+    result = answer.json()
+    assert result["TotalFiles"] == 3 and result["SuccessfulFiles"] == 2  # the file link counts, is not read
+    staged = [p for p in Path(result["StagingDirectory"]).rglob("*.dcm")]
+    assert len(staged) == 2 and not (Path(result["StagingDirectory"]) / "sneaky.dcm").exists()
+
+
+def test_batch_prepare_404_inside_the_roots_but_missing(api, roots):
+    for folder in (roots / "no-such-study", roots / "a" / ".." / "nothing-here"):
+        answer = _prepare(api, folder)
+        assert answer.status_code == 404 and set(answer.json()) == {"error"}
+    assert api.get("/api/batches/0123456789abcdef").status_code == 404
+    assert api.get("/api/batches/..%2F..%2Fetc").status_code == 404
+
+
+def test_batch_prepare_400_for_a_bad_request(api, roots):
+    make_study(roots / "ok", instances=1, series=1)
+    for body in ({}, {"StudyDirectory": ""}, {"StudyDirectory": str(roots / "ok"), "OrganizationId": "OTHER"},
+                 {"StudyDirectory": str(roots / "ok"), "Destinations": ["nowhere"]},
+                 {"StudyDirectory": str(roots / "ok"), "Priority": "URGENT!"}):
+        answer = api.post("/api/batch-prepare", json=body)
+        assert answer.status_code == 400, (body, answer.text)
+    assert api.post("/api/batch-prepare", content=b"{not json").status_code == 400
+
+
+def test_large_batch_answers_202_and_progress(make_http_node, tmp_path):
+    roots = tmp_path / "roots"
+    make_study(roots / "big", instances=12, series=2)
+    node = make_http_node([("NOWHERE", free_port())], roots=[roots], extra="batch_wait_seconds = 0").start()
+    with node.client() as api:
+        answer = _prepare(api, roots / "big")
+        assert answer.status_code == 202, answer.text
+        body = answer.json()
+        assert answer.headers["location"] == f"/api/batches/{body['BatchId']}" == body["ProgressUrl"]
+        assert body["TotalFiles"] == 12 and body["State"] in ("running", "done")
+        assert wait_for(lambda: api.get(answer.headers["location"]).json()["State"] == "done", 60)
+        final = api.get(answer.headers["location"]).json()
+        assert final["ProcessedFiles"] == final["SuccessfulFiles"] == 12
+        assert Path(final["ManifestPath"]).is_file()
+    assert node.stop() == 0  # SIGTERM: the gateway stops with the node
+    node.start()  # the result outlives a restart
+    with node.client() as api:
+        again = api.get(f"/api/batches/{body['BatchId']}")
+        assert again.status_code == 200 and again.json()["State"] == "done"

@@ -111,6 +111,7 @@ def build(ctx: Context) -> Starlette:
         Route("/api/batch-prepare", guarded(batch_prepare), methods=["POST"]),
         Route("/api/batches/{batch_id}", guarded(batch_progress), methods=["GET"]),
         Route("/dicomweb/studies", guarded(stow_rs), methods=["POST"]),
+        Route("/dicomweb/studies/{study}", guarded(stow_rs), methods=["POST"]),
     ]
 
     async def internal(request: Request, exc: Exception) -> Response:
@@ -250,7 +251,8 @@ async def stow_rs(ctx: Context, request: Request) -> Response:
     try:
         if not parts:
             return error(400, "no instances in the request")
-        results = [await run_in_threadpool(stow.ingest, ctx.pipeline, part) for part in parts]
+        study = request.path_params.get("study", "")
+        results = [await run_in_threadpool(stow.ingest, ctx.pipeline, part, study) for part in parts]
     finally:
         remove(parts)
     status, body = stow.response(results)

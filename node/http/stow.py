@@ -16,7 +16,7 @@ from typing import Any
 import pydicom
 
 from node.http.body import Part
-from node.pipeline import CANNOT_UNDERSTAND, Pipeline
+from node.pipeline import CANNOT_UNDERSTAND, DATASET_MISMATCH, Pipeline
 
 CALLING_AET = "DICOMWEB"  # stands for the sender in routes, quarantine records and the audit trail
 MEDIA_TYPE = "application/dicom+json"
@@ -44,20 +44,23 @@ class Result:
         return item
 
 
-def sender_uids(part: Part) -> tuple[str, str]:
-    """The SOP Class and Instance UIDs as sent (for the answer only; never logged)."""
+def sender_uids(part: Part) -> tuple[str, str, str]:
+    """The SOP Class, SOP Instance and Study Instance UIDs as sent (for the answer only; never logged)."""
     try:
-        ds = pydicom.dcmread(part.path, stop_before_pixels=True, specific_tags=["SOPClassUID", "SOPInstanceUID"])
-        return str(ds.get("SOPClassUID", "")), str(ds.get("SOPInstanceUID", ""))
+        ds = pydicom.dcmread(part.path, stop_before_pixels=True,
+                             specific_tags=["SOPClassUID", "SOPInstanceUID", "StudyInstanceUID"])
+        return str(ds.get("SOPClassUID", "")), str(ds.get("SOPInstanceUID", "")), str(ds.get("StudyInstanceUID", ""))
     except Exception:  # not DICOM: the pipeline refuses it too
-        return "", ""
+        return "", "", ""
 
 
-def ingest(pipeline: Pipeline, part: Part) -> Result:
-    """One part through the C-STORE pipeline."""
-    sop_class, sop_instance = sender_uids(part)
+def ingest(pipeline: Pipeline, part: Part, study: str = "") -> Result:
+    """One part through the C-STORE pipeline; with `study` (POST /studies/{study}), only that study's."""
+    sop_class, sop_instance, study_uid = sender_uids(part)
     if part.content_type not in ("", "application/dicom"):
         return Result(sop_class, sop_instance, CANNOT_UNDERSTAND)
+    if study and study_uid != study:  # PS3.18 10.5.1: an instance of another study is not stored
+        return Result(sop_class, sop_instance, DATASET_MISMATCH)
     outcome = pipeline.receive(part.path, calling_aet=CALLING_AET, origin="stow")
     return Result(sop_class, sop_instance, outcome.status)
 
