@@ -19,7 +19,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, generate_latest, values
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, values
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 
@@ -30,14 +30,16 @@ PREFIX = "telenode"
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
-def _counter(name: str, text: str, label: str) -> Counter:
-    return Counter(f"{PREFIX}_{name}", text, [label])
-
-
 class _Metrics:
-    """The metric objects, built on first use so that multiprocess mode can be chosen first."""
+    """The metric objects, built on first use so that multiprocess mode can be chosen first; in a
+    registry of their own, so that `enable` can build them again."""
 
     def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+
+        def _counter(name: str, text: str, label: str) -> Counter:
+            return Counter(f"{PREFIX}_{name}", text, [label], registry=self.registry)
+
         self.received = _counter("instances_received", "Instances received (C-STORE, STOW-RS, HTTP)", "source")
         self.stored = _counter("instances_stored", "Instances de-identified and stored durably", "source")
         self.refused = _counter("instances_refused", "Instances refused with a failure status", "source")
@@ -46,7 +48,7 @@ class _Metrics:
         self.failed = _counter("instances_failed", "Instances a destination refused for good", "destination")
         self.latency = Histogram(f"{PREFIX}_processing_seconds",
                                  "Seconds from received data set to durable de-identified instance",
-                                 ["source"], buckets=LATENCY_BUCKETS)
+                                 ["source"], buckets=LATENCY_BUCKETS, registry=self.registry)
 
 
 _metrics: _Metrics | None = None
@@ -67,6 +69,8 @@ def enable(data_dir: Path) -> Path:
     folder.mkdir(parents=True, mode=0o700)
     os.environ[ENV] = str(folder)
     values.ValueClass = values.get_value_class()  # prometheus_client chose at import; choose again
+    global _metrics
+    _metrics = None  # any metric built before counted in this process only
     return folder
 
 
@@ -125,8 +129,7 @@ def exposition(queues: QueueCollector | None = None) -> bytes:
         registry = CollectorRegistry()
         MultiProcessCollector(registry, folder)
     else:
-        get()
-        registry = REGISTRY
+        registry = get().registry
     text = generate_latest(registry)
     if queues is not None:
         extra = CollectorRegistry()

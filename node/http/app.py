@@ -9,7 +9,6 @@ to data_dir/incoming/http and limited to [http] max_request_mb. Errors answer
 from __future__ import annotations
 
 import hmac
-import json
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -25,7 +24,7 @@ from starlette.routing import Route
 
 from node import __version__, config, log, metrics
 from node.http import batches, page, stow, views
-from node.http.body import BadBody, Part, TooLarge, media_type, remove, save_body, save_parts
+from node.http.body import BadBody, Part, TooLarge, media_type, read_json, remove, save_body, save_parts
 from node.pipeline import CANNOT_DEIDENTIFY, Held, Pipeline, Rejected
 from node.store import Store
 
@@ -197,11 +196,7 @@ async def anonymize_stream(ctx: Context, request: Request) -> Response:
 
 
 async def batch_prepare(ctx: Context, request: Request) -> Response:
-    try:
-        raw = json.loads(await request.body())
-    except ValueError:
-        return error(400, "body must be JSON")
-    prepared = _batch_request(ctx, raw)
+    prepared = _batch_request(ctx, await read_json(request.stream()))
     batch = await run_in_threadpool(ctx.batches.start, prepared)
     finished = await run_in_threadpool(batch.done.wait, ctx.http.batch_wait_seconds)
     if finished:

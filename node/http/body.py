@@ -6,11 +6,12 @@ own 0600 file, never wholly into memory, and the caller removes them when done.
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import AsyncIterator, BinaryIO
+from typing import Any, AsyncIterator, BinaryIO
 
 from python_multipart.multipart import MultipartParser, parse_options_header
 
@@ -59,6 +60,20 @@ async def _limited(stream: AsyncIterator[bytes], limit: int) -> AsyncIterator[by
         if seen > limit:
             raise TooLarge()
         yield chunk
+
+
+JSON_LIMIT = 1024 * 1024  # a batch-prepare request is a few hundred bytes
+
+
+async def read_json(stream: AsyncIterator[bytes], limit: int = JSON_LIMIT) -> Any:
+    """A small JSON body, read in memory up to `limit` bytes."""
+    data = bytearray()
+    async for chunk in _limited(stream, limit):
+        data.extend(chunk)
+    try:
+        return json.loads(data)
+    except ValueError:
+        raise BadBody("body must be JSON") from None
 
 
 async def save_body(stream: AsyncIterator[bytes], folder: Path, limit: int) -> Part:

@@ -1,0 +1,53 @@
+"""The gateway's life with `telenode serve`: HTTPS when configured, a taken port is a one-line start error."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import ssl
+import subprocess
+import sys
+
+import httpx
+import pytest
+
+from conftest import REPO
+from http_node import make_http_node  # noqa: F401 (a fixture)
+
+pytestmark = pytest.mark.dcmtk
+
+
+def self_signed(folder) -> tuple[str, str]:
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed")
+    cert, key = folder / "http.crt", folder / "http.key"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    return str(cert), str(key)
+
+
+def test_https_when_certificate_and_key_are_set(make_http_node, tmp_path):
+    cert, key = self_signed(tmp_path)
+    node = make_http_node([("NOWHERE", 1)], extra=f'certificate = "{cert}"\nprivate_key = "{key}"').start()
+    answer = httpx.get(f"https://127.0.0.1:{node.http_port}/healthz", verify=ssl.create_default_context(cafile=cert),
+                       timeout=10)
+    assert answer.status_code == 200 and answer.json() == {"status": "ok"}
+    with pytest.raises(httpx.HTTPError):  # no plain HTTP on the TLS port
+        httpx.get(f"http://127.0.0.1:{node.http_port}/healthz", timeout=5)
+    with node.client() as api:
+        assert api.post("/api/batch-prepare", json={}).status_code == 400  # the token works over TLS
+    assert node.stop() == 0
+
+
+def test_http_port_in_use_is_a_one_line_start_error(make_http_node):
+    node = make_http_node([("NOWHERE", 1)])
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", node.http_port))
+        taken.listen()
+        result = subprocess.run([sys.executable, "-m", "node", "serve", "--config", str(node.config)],
+                                capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if not line.startswith("{")]
+    assert len(errors) == 1 and f"127.0.0.1:{node.http_port}" in errors[0] and "http" in errors[0], result.stderr
+    assert "Traceback" not in result.stderr
