@@ -178,17 +178,22 @@ async def anonymize_stream(ctx: Context, request: Request) -> Response:
         remove(parts)
         return error(400, "no file: send it in the form field 'file' or as an application/dicom body")
     target = chosen.path.with_suffix(".out")
+    logger = log.get("http")
     try:
         record = await run_in_threadpool(ctx.pipeline.stage, chosen.path, target)
-    except Rejected as exc:
+    except Rejected as exc:  # comments name rules and tags, never values
         target.unlink(missing_ok=True)
+        logger.warning("anonymize_stream_refused", status=f"0x{exc.status:04X}", reason=exc.comment)
         if exc.status == CANNOT_DEIDENTIFY:
             return error(422, exc.comment, quarantine_id=None)
         return error(400, f"not a DICOM file we can read: {exc.comment}")
     except Held as exc:
+        logger.warning("anonymize_stream_quarantined", reason=exc.reason, quarantine_id=exc.quarantine_id)
         return error(422, exc.reason, quarantine_id=exc.quarantine_id)
     finally:
         remove(parts)
+    logger.info("anonymize_stream", sop_instance_uid=record.pseudo_sop_instance_uid,
+                study_instance_uid=record.pseudo_study_instance_uid)
     headers = {"X-Cloud-Study-Id": batches.cloud_study_id(record),
                "X-Processed-At": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     return FileResponse(target, media_type=DICOM, headers=headers,

@@ -15,11 +15,12 @@ import hashlib
 import json
 import os
 import threading
+import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, BinaryIO, Sequence
 
 from node import log
 from node.deid.record import DeidRecord
@@ -53,7 +54,7 @@ def resolve_folder(raw: str, roots: Sequence[Path]) -> Path:
 
 def files_under(folder: Path) -> list[Path]:
     """Every file below `folder`, sorted; symlinked folders are not entered (their files could be anywhere)."""
-    found = []
+    found: list[Path] = []
     for top, dirs, names in os.walk(folder, followlinks=False):
         dirs.sort()
         found.extend(Path(top) / name for name in sorted(names))
@@ -135,7 +136,12 @@ def manifest(batch: Batch) -> dict[str, Any]:
 
 
 def _write_json(path: Path, content: dict[str, Any]) -> None:
-    atomic_write(path, lambda handle: handle.write(json.dumps(content, indent=2).encode("utf-8")))
+    data = json.dumps(content, indent=2).encode("utf-8")
+
+    def write(handle: BinaryIO) -> None:
+        handle.write(data)
+
+    atomic_write(path, write)
 
 
 class Batches:
@@ -147,6 +153,8 @@ class Batches:
         self.roots = tuple(roots)
         self.jobs: dict[str, Batch] = {}
         self.lock = threading.Lock()
+        self.stopping = threading.Event()
+        self.threads: list[threading.Thread] = []
         self.log = log.get("http.batches")
 
     def start(self, request: Request) -> Batch:
@@ -160,9 +168,18 @@ class Batches:
             self.jobs[batch_id] = batch
         self.log.info("batch_started", batch_id=batch_id, files=len(files), destinations=list(request.destinations),
                       priority=request.priority)
-        threading.Thread(target=self._run, args=(batch, request, files), name=f"batch-{batch_id[:8]}",
-                         daemon=True).start()
+        thread = threading.Thread(target=self._run, args=(batch, request, files), name=f"batch-{batch_id[:8]}",
+                                  daemon=True)
+        self.threads.append(thread)
+        thread.start()
         return batch
+
+    def stop(self, timeout: float) -> None:
+        """The node stops: each running batch ends after its current file (no manifest: it is not done)."""
+        self.stopping.set()
+        deadline = time.monotonic() + timeout
+        for thread in self.threads:
+            thread.join(max(0.1, deadline - time.monotonic()))
 
     def get(self, batch_id: str) -> dict[str, Any] | None:
         with self.lock:
@@ -177,6 +194,9 @@ class Batches:
     def _run(self, batch: Batch, request: Request, files: list[Path]) -> None:
         try:
             for index, source in enumerate(files):
+                if self.stopping.is_set():
+                    self.log.warning("batch_interrupted", batch_id=batch.batch_id, processed=batch.processed)
+                    return
                 self._one(batch, request, source, index)
                 batch.processed += 1
             _write_json(batch.manifest_path, manifest(batch))  # last: a reader that sees it may read the batch

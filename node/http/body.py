@@ -100,7 +100,7 @@ class _Collector:
         self.name = bytearray()
         self.value = bytearray()
 
-    def callbacks(self) -> dict:
+    def callbacks(self) -> Any:  # python-multipart's MultipartCallbacks (a TypedDict)
         return {
             "on_part_begin": self.begin, "on_part_data": self.data, "on_part_end": self.end,
             "on_header_field": lambda d, s, e: self.name.extend(d[s:e]),

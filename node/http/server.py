@@ -77,8 +77,8 @@ class Gateway:
         pipeline, self.store = open_pipeline(settings, on_queued)
         staging = settings.data_dir / "staging"
         staging.mkdir(parents=True, exist_ok=True, mode=0o700)
-        context = Context(settings, pipeline, self.store, token, healthy,
-                          batches.Batches(pipeline, staging, self.http.allowed_roots))
+        self.batches = batches.Batches(pipeline, staging, self.http.allowed_roots)
+        context = Context(settings, pipeline, self.store, token, healthy, self.batches)
         self.server = uvicorn.Server(uvicorn.Config(
             build(context), host=self.http.host, port=self.http.port, access_log=False, log_config=None,
             log_level=logging.WARNING, lifespan="off", server_header=False, timeout_graceful_shutdown=10,
@@ -110,4 +110,5 @@ class Gateway:
         self.server.should_exit = True
         if self.thread.is_alive():
             self.thread.join(timeout)
+        self.batches.stop(timeout)
         self.store.close()

@@ -89,7 +89,7 @@ def studies(database: Path, limit: int = RECENT_STUDIES) -> list[StudyView]:
     """The most recently received studies, newest first, by pseudonym, with their delivery per destination."""
     if not database.exists():
         return []
-    conn = sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=5)
+    conn = sqlite3.connect(f"{database.as_uri()}?mode=ro", uri=True, timeout=5)
     try:
         rows = conn.execute(_STUDIES, [limit]).fetchall()
         return [StudyView(received or "", accession or "", uid, modalities or "", count,
