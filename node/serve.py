@@ -74,8 +74,10 @@ def run(parts: Parts, stop: threading.Event) -> None:
     pool = _Workers(parts)
     gateway = None
     try:
+        gateway = _gateway(parts, forwarders, pool)  # token file and port first: scripts read the token
         pool.start()
-        gateway = _gateway(parts, forwarders, pool)
+        if gateway is not None:
+            gateway.start()
         for forwarder in forwarders:
             forwarder.start()
         store.audit("node_started", ae_title=settings.ae_title, port=settings.port, workers=settings.workers,
@@ -98,21 +100,16 @@ def run(parts: Parts, stop: threading.Event) -> None:
 
 
 def _gateway(parts: Parts, forwarders: Sequence[Forwarder], pool: "_Workers") -> Any:
-    """The HTTP gateway ([http]) in this process, once the workers listen; None without [http]."""
+    """The HTTP gateway ([http]) in this process, not started yet; None without [http]."""
     if parts.settings.http is None:
         return None
-    from node.http.server import Gateway, GatewayError  # only nodes with [http] load starlette and uvicorn
+    from node.http.server import Gateway  # only nodes with [http] load starlette and uvicorn
 
     def wake() -> None:
         for forwarder in forwarders:
             forwarder.wake()
 
-    try:
-        gateway = Gateway(parts.settings, parts.open_worker, wake, pool.healthy)
-        gateway.start()
-    except GatewayError as exc:
-        raise StartError(str(exc)) from None
-    return gateway
+    return Gateway(parts.settings, parts.open_worker, wake, pool.healthy)  # GatewayError is a StartError
 
 
 def _probe_ports(settings: config.Settings) -> None:

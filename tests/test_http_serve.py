@@ -11,7 +11,7 @@ import sys
 import httpx
 import pytest
 
-from conftest import REPO
+from conftest import REPO, Node
 from http_node import make_http_node  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.dcmtk
@@ -51,3 +51,10 @@ def test_http_port_in_use_is_a_one_line_start_error(make_http_node):
     errors = [line for line in result.stderr.splitlines() if not line.startswith("{")]
     assert len(errors) == 1 and f"127.0.0.1:{node.http_port}" in errors[0] and "http" in errors[0], result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_token_file_exists_once_the_dicom_port_listens(make_http_node):
+    node = make_http_node([("NOWHERE", 1)])
+    Node.start(node)  # returns as soon as the DICOM port accepts connections
+    assert (node.folder / "var" / "http.token").is_file()
+    assert node.stop() == 0

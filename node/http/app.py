@@ -114,7 +114,9 @@ def build(ctx: Context) -> Starlette:
     ]
 
     async def internal(request: Request, exc: Exception) -> Response:
-        logger.error("http_internal_error", path=request.url.path, reason=type(exc).__name__)
+        # The route's template, not the path: /dicomweb/studies/{study} carries an original UID.
+        route = getattr(request.scope.get("route"), "path", "")
+        logger.error("http_internal_error", route=route, reason=type(exc).__name__)
         return error(500, "internal error")
 
     async def not_found(request: Request, exc: Exception) -> Response:

@@ -23,10 +23,11 @@ from node.deid.pseudonyms import KeyFileError
 from node.http import batches
 from node.http.app import Context, build
 from node.keys import check_private, write_private
+from node.serve import StartError
 from node.store import Store
 
 
-class GatewayError(Exception):
+class GatewayError(StartError):
     """The gateway cannot start; the message names the key or the port (no PHI)."""
 
 
@@ -53,6 +54,16 @@ def probe(http: config.HTTP) -> None:
             sock.bind((http.host, http.port))
         except OSError as exc:
             raise GatewayError(f"cannot listen on {http.host}:{http.port} (http): {exc.strerror}") from None
+
+
+def _quiet_uvicorn() -> None:
+    """Uvicorn's warnings and errors as structlog lines: the message only, never a traceback (the
+    routes answer every exception themselves; a traceback's messages could quote a value)."""
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access", "uvicorn.asgi"):
+        logger = logging.getLogger(name)
+        logger.handlers = [log._ToStructlog(level=logging.WARNING)]
+        logger.setLevel(logging.WARNING)
+        logger.propagate = False
 
 
 def _empty(folder: Path) -> None:
@@ -85,6 +96,7 @@ class Gateway:
             ssl_certfile=str(self.http.certificate) if self.http.certificate else None,
             ssl_keyfile=str(self.http.private_key) if self.http.private_key else None,
         ))
+        _quiet_uvicorn()
         self.thread = threading.Thread(target=self._serve, name="http", daemon=True)
         self.failure: str | None = None
 
@@ -95,6 +107,7 @@ class Gateway:
             self.failure = type(exc).__name__
 
     def start(self, timeout: float = 30.0) -> None:
+        """Serve; raise GatewayError if uvicorn cannot (TLS files it cannot load)."""
         self.thread.start()
         deadline = time.monotonic() + timeout
         while not self.server.started:
