@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import socket
 import ssl
 import subprocess
@@ -11,7 +13,7 @@ import sys
 import httpx
 import pytest
 
-from conftest import REPO, Node
+from conftest import REPO, Node, wait_for
 from http_node import make_http_node  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.dcmtk
@@ -58,3 +60,28 @@ def test_token_file_exists_once_the_dicom_port_listens(make_http_node):
     Node.start(node)  # returns as soon as the DICOM port accepts connections
     assert (node.folder / "var" / "http.token").is_file()
     assert node.stop() == 0
+
+
+def _workers(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as handle:
+                    fields = handle.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid and b"spawn_main" in open(f"/proc/{entry}/cmdline", "rb").read():
+                found.append(int(entry))  # a worker, not multiprocessing's resource tracker
+    return found
+
+
+def test_healthz_503_while_a_dead_worker_is_replaced(make_http_node):
+    node = make_http_node([("NOWHERE", 1)]).start()
+    workers = _workers(node.proc.pid)
+    assert workers, "no worker processes"
+    os.kill(workers[0], signal.SIGKILL)
+    seen = []
+    wait_for(lambda: seen.append(httpx.get(f"{node.url}/healthz", timeout=5).status_code) or 503 in seen, 30, 0.02)
+    assert 503 in seen, seen
+    assert wait_for(lambda: httpx.get(f"{node.url}/healthz", timeout=5).status_code == 200, 60)
