@@ -164,6 +164,28 @@ def _inputs(paths: Sequence[str]) -> Iterator[tuple[Path, Path]]:
             yield root, Path(root.name)
 
 
+def _progress(items: list[tuple[Path, Path]], settings: config.Settings) -> Iterator[tuple[Path, Path]]:
+    """The items, with a progress bar (count, rate, ETA) on stderr when it is a terminal; log lines
+    print above the bar. Not on a terminal: the items alone, so stdout stays one JSON line."""
+    if not sys.stderr.isatty() or not items:
+        yield from items
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TimeRemainingColumn
+    from rich.text import Text
+
+    class Rate(ProgressColumn):
+        def render(self, task: Any) -> Text:
+            return Text(f"{task.speed or 0:.1f} files/s")
+
+    with Progress("anonymizing", BarColumn(), MofNCompleteColumn(), Rate(), TimeRemainingColumn(),
+                  redirect_stderr=True) as bar:
+        log.configure(settings.log_format, settings.log_level, stream=sys.stderr)  # rich's proxy: above the bar
+        task = bar.add_task("anonymize", total=len(items))
+        for item in items:
+            yield item
+            bar.advance(task)
+
+
 def cmd_anonymize(args: argparse.Namespace) -> int:
     settings = _settings(args)
     log.configure(settings.log_format, settings.log_level)
@@ -175,7 +197,7 @@ def cmd_anonymize(args: argparse.Namespace) -> int:
                         quarantine=Quarantine(settings.quarantine_dir))
     done = failed = 0
     try:
-        for source, relative in _inputs(args.inputs):
+        for source, relative in _progress(list(_inputs(args.inputs)), settings):
             try:
                 record = pipeline.anonymize(source, output / relative)
             except Rejected as exc:

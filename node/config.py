@@ -148,6 +148,7 @@ class Settings:
     audit_syslog: str = ""  # audit records also sent to syslog: "/dev/log", "host:port" (UDP)
     warnings: tuple[str, ...] = ()  # valid but risky settings, logged at start
     return_path: "ReturnPath | None" = None  # [return]: results from the reader, re-identified; None: off
+    http: "HTTP | None" = None  # the HTTP gateway ([http]); None: no HTTP server
 
     @property
     def mapping_key(self) -> Path:
@@ -436,7 +437,7 @@ def load(path: str | os.PathLike[str]) -> Settings:
         raise ConfigError(f"{path}: cannot read config file ({exc.strerror})") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML ({exc})") from None
-    known = {"node", "anonymization", "destinations", "routes", "security", "return"}
+    known = {"node", "anonymization", "destinations", "routes", "security", "return", "http"}
     for key in raw:
         if key not in known:
             raise ConfigError(f"{path}: {key}: unknown section (known: {', '.join(sorted(known))})")
@@ -482,6 +483,7 @@ def load(path: str | os.PathLike[str]) -> Settings:
         audit_syslog=security["audit_syslog"],
         warnings=_warnings(destinations) + _return_warnings(return_path),
         return_path=return_path,
+        http=_http(path, raw.get("http"), base),
     )
 
 
@@ -671,3 +673,44 @@ def _return(path: Path, raw: Any, base: Path, node: dict[str, Any],
     return ReturnPath(ae_title=values["ae_title"], host=host, port=values["port"],
                       allowed_calling_aets=tuple(values["allowed_calling_aets"]), destinations=destinations,
                       tls=_listener_tls(path, values["tls"], base, values["port"], "return.tls"), hl7=hl7)
+@dataclass(frozen=True)
+class HTTP:
+    """[http]: the HTTP gateway (anonymize-stream, batch-prepare, STOW-RS, metrics, status page)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    token_file: Path = Path("var/http.token")
+    allowed_roots: tuple[Path, ...] = ()  # resolved (symlinks followed): the only folders batch-prepare reads
+    certificate: Path | None = None  # TLS: both given, the gateway speaks HTTPS only
+    private_key: Path | None = None
+    max_request_mb: int = 2048  # larger bodies are answered 413 before they fill the disk
+    batch_wait_seconds: float = 20.0  # batch-prepare answers 200 when done within this, else 202
+    page_refresh_seconds: int = 10  # the status page reloads itself this often
+
+
+HTTP_KEYS: dict[str, tuple[Any, Any, Check | None]] = {
+    "host": (str, "127.0.0.1", None),
+    "port": (int, 8080, _port),
+    "token_file": (str, "var/http.token", None),
+    "allowed_roots": (list, [], lambda v: None if all(isinstance(r, str) and r for r in v)
+                      else "must be a list of folder paths"),
+    "certificate": (str, "", None),
+    "private_key": (str, "", None),
+    "max_request_mb": (int, 2048, _positive),
+    "batch_wait_seconds": (NUMBER, 20.0, lambda v: None if v >= 0 else "must be 0 or more"),
+    "page_refresh_seconds": (int, 10, _positive),
+}
+
+
+def _http(path: Path, raw: Any, base: Path) -> HTTP | None:
+    """[http]: absent means no HTTP server; an empty table serves on the defaults."""
+    if raw is None:
+        return None
+    values = _section(path, "http", raw, HTTP_KEYS)
+    files = {key: _tls_file(path, f"http.{key}", base, values[key]) for key in ("certificate", "private_key")}
+    if (files["certificate"] is None) != (files["private_key"] is None):
+        raise ConfigError(f"{path}: http: certificate and private_key go together")
+    return HTTP(host=values["host"], port=values["port"], token_file=_resolve(base, values["token_file"]),
+                allowed_roots=tuple(Path(os.path.realpath(_resolve(base, r))) for r in values["allowed_roots"]),
+                max_request_mb=values["max_request_mb"], batch_wait_seconds=float(values["batch_wait_seconds"]),
+                page_refresh_seconds=values["page_refresh_seconds"], **files)

@@ -40,7 +40,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, UID
 from pynetdicom import AE, _config, evt
 
-from node import log, tls
+from node import log, metrics, tls
 from node.config import Destination
 from node.spool import Quarantine, Spool
 from node.store import Store
@@ -290,6 +290,7 @@ class Forwarder:
                                      sop_instance_uids=uids, tls=self._tls is not None)
             for path in done:
                 self.spool.remove(path)
+            metrics.count("forwarded", self.destination.name, len(sent))
         if sent:
             self.log.info("batch_sent", instances=len(sent), contexts=len(contexts), reused=reused,
                           tls=self._tls is not None)
@@ -392,6 +393,7 @@ class Forwarder:
             })
         for path in self.store.mark_failed(row["id"], reason):
             self.spool.remove(path)
+        metrics.count("failed", self.destination.name)
         self.store.audit("send_failed", destination=self.destination.name, reason=reason,
                          sop_instance_uid=row["pseudo_sop_instance_uid"], quarantine_id=quarantine_id)
         self.log.error("instance_failed", sop_instance_uid=row["pseudo_sop_instance_uid"], reason=reason,

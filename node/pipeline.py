@@ -23,7 +23,7 @@ from pydicom.dataelem import RawDataElement
 from pydicom.dataset import FileDataset
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
 
-from node import log
+from node import log, metrics
 from node.commit import GroupCommit
 from node.config import PixelRule
 from node.deid import DeidError, Deidentifier
@@ -31,7 +31,7 @@ from node.deid.guard import Guard
 from node.deid.pixels import CLEAN_PIXEL_DATA, blank, burned_in_reason, matching_rule
 from node.deid.record import DeidRecord
 from node.routing import Decision, Router
-from node.spool import Quarantine, Spool, atomic_write
+from node.spool import Quarantine, Spool, atomic_write, copier
 from node.store import Store
 
 # Values never leave through warnings: pydicom's validation warnings quote element values.
@@ -61,6 +61,7 @@ class Outcome:
     status: int
     comment: str = ""
     sop_instance_uid: str = ""
+    quarantine_id: str = ""  # held in the quarantine instead of being queued
 
     @property
     def ok(self) -> bool:
@@ -235,8 +236,15 @@ class Pipeline:
         self.log = log.get("pipeline")
         self._commits = GroupCommit(store.batch)
 
-    def receive(self, source: str | os.PathLike[str], *, calling_aet: str, priority: int = 0) -> Outcome:
-        """Handle one received C-STORE data set (a Part 10 file); never raises."""
+    def receive(self, source: str | os.PathLike[str], *, calling_aet: str, priority: int = 0,
+                origin: str = "scp") -> Outcome:
+        """Handle one received data set (a Part 10 file; C-STORE or STOW-RS); never raises."""
+        started = time.perf_counter()
+        outcome = self._receive(source, calling_aet=calling_aet, priority=priority)
+        _measure(origin, started, "quarantined" if outcome.quarantine_id else "stored" if outcome.ok else "refused")
+        return outcome
+
+    def _receive(self, source: str | os.PathLike[str], *, calling_aet: str, priority: int = 0) -> Outcome:
         assert self.spool is not None, "receiving needs a spool"
         started = time.perf_counter()
         try:
@@ -258,7 +266,7 @@ class Pipeline:
         except Held as exc:
             self.log.warning("instance_quarantined", calling_aet=calling_aet, status=f"0x{exc.status:04X}",
                              reason=exc.reason, quarantine_id=exc.quarantine_id)
-            return Outcome(exc.status, exc.reason)
+            return Outcome(exc.status, exc.reason, quarantine_id=exc.quarantine_id)
         except (OSError, sqlite3.Error) as exc:
             reason = "disk full" if is_out_of_space(exc) else f"storage error ({type(exc).__name__})"
             self.log.error("instance_not_stored", calling_aet=calling_aet, status="0xA700", reason=reason)
@@ -290,6 +298,39 @@ class Pipeline:
         encode(lambda write: atomic_write(target, write), ds)
         self.store.record_mapping(record, source="anonymize")
         return record
+
+    def stage(self, source: Path, target: Path, *, destinations: Sequence[str] = (), priority: int = 0,
+              origin: str = "http") -> DeidRecord:
+        """De-identify one file into `target` (HTTP gateway) and record its mappings; with `destinations`,
+        also spool and queue it there in one durable step, as a C-STORE would be. Raise Rejected or Held."""
+        started = time.perf_counter()
+        try:
+            ds, record, _ = self._prepare(source, origin.upper(), priority)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            size = encode(lambda write: atomic_write(target, write), ds)
+            if destinations:
+                self._queue_copy(target, size, ds, record, destinations, priority, origin.upper())
+            else:
+                self.store.record_mapping(record, source=origin)
+        except Held:
+            _measure(origin, started, "quarantined")
+            raise
+        except Exception:
+            _measure(origin, started, "refused")
+            raise
+        _measure(origin, started, "stored")
+        return record
+
+    def _queue_copy(self, staged: Path, size: int, ds: FileDataset, record: DeidRecord, destinations: Sequence[str],
+                    priority: int, calling_aet: str) -> None:
+        """A copy in the spool (forwarders delete what they sent), queued for `destinations`."""
+        assert self.spool is not None, "queueing needs a spool"
+        target = self.spool.path_for(record.pseudo_sop_instance_uid)
+        self.spool.write(target, copier(staged))
+        self._commits.run(lambda: self.store.record_instance(
+            record, calling_aet=calling_aet, path=str(target), size=size,
+            transfer_syntax=str(ds.file_meta.TransferSyntaxUID), destinations=destinations, priority=priority))
+        self.on_queued()
 
     def _prepare(self, source: str | os.PathLike[str], calling_aet: str,
                  priority: int) -> tuple[FileDataset, DeidRecord, Decision]:
@@ -346,6 +387,14 @@ class Pipeline:
         assert self.spool is not None
         target = self.spool.path_for(record.pseudo_sop_instance_uid)
         return encode(lambda write: self.spool.write(target, write), ds), target
+
+
+def _measure(origin: str, started: float, result: str) -> None:
+    """Count one instance received and its result; time what was stored."""
+    metrics.count("received", origin)
+    metrics.count(result, origin)
+    if result == "stored":
+        metrics.observe(origin, time.perf_counter() - started)
 
 
 def encode(save: Callable[[Callable[[BinaryIO], None]], int], ds: FileDataset) -> int:

@@ -33,7 +33,7 @@ from pathlib import Path
 from multiprocessing.connection import Connection, wait
 from typing import Any, Callable, Sequence
 
-from node import __version__, config, log, returnpath
+from node import __version__, config, log, metrics, returnpath
 from node.forward import Forwarder
 from node.spool import Quarantine, Spool
 from node.store import Store
@@ -69,10 +69,17 @@ def run(parts: Parts, stop: threading.Event) -> None:
     forwarders = [Forwarder(d, store, spool, settings.ae_title, quarantine, worker)
                   for d in settings.destinations for worker in range(d.parallel)]
     returning = _return_path(settings, store, quarantine)
+    if settings.http is not None:  # before any worker starts: they inherit the metrics folder
+        metrics.enable(settings.data_dir)
+        metrics.prime(tuple(d.name for d in settings.destinations))
     pool = _Workers(parts)
+    gateway = None
     try:
         _start_return(returning)  # before the workers: once node.port answers, the return AE does too
+        gateway = _gateway(parts, forwarders, pool)  # token file and port first: scripts read the token
         pool.start()
+        if gateway is not None:
+            gateway.start()
         for forwarder in forwarders:
             forwarder.start()
         store.audit("node_started", ae_title=settings.ae_title, port=settings.port, workers=settings.workers,
@@ -88,6 +95,8 @@ def run(parts: Parts, stop: threading.Event) -> None:
             pool.restart_dead()
     finally:
         deadline = time.monotonic() + settings.stop_timeout
+        if gateway is not None:
+            gateway.stop()
         if returning is not None and returning.listeners is not None:
             _drain(returning.listeners, deadline)  # the reader's C-STOREs finish before the rest stops
         _stop(pool, forwarders, deadline)
@@ -95,6 +104,19 @@ def run(parts: Parts, stop: threading.Event) -> None:
             returning.stop(deadline)
     store.audit("node_stopped")
     logger.info("node_stopped")
+
+
+def _gateway(parts: Parts, forwarders: Sequence[Forwarder], pool: "_Workers") -> Any:
+    """The HTTP gateway ([http]) in this process, not started yet; None without [http]."""
+    if parts.settings.http is None:
+        return None
+    from node.http.server import Gateway  # only nodes with [http] load starlette and uvicorn
+
+    def wake() -> None:
+        for forwarder in forwarders:
+            forwarder.wake()
+
+    return Gateway(parts.settings, parts.open_worker, wake, pool.healthy)  # GatewayError is a StartError
 
 
 def _probe_ports(settings: config.Settings) -> None:
@@ -195,6 +217,10 @@ class _Workers:
             self.failure = f"worker {index}: {message[len(FAILED):].decode('utf-8', 'replace')}"
             self.log.error("worker_failed", worker=index, reason=self.failure)
         return False
+
+    def healthy(self) -> bool:
+        """Every worker process alive and listening."""
+        return all(self.ready) and all(p is not None and p.is_alive() for p in self.processes)
 
     def restart_dead(self) -> None:
         """A worker that died (a crash, the OOM killer) is replaced; its acknowledged work is durable."""
