@@ -40,7 +40,7 @@ from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID_dictionary
 
 from node import __version__
-from node.deid.guard import needle_strings, needles
+from node.deid.guard import identity_matcher, needle_strings, needles
 from node.deid.pseudonyms import Pseudonymizer, patient_key
 from node.deid.record import DeidRecord
 
@@ -128,14 +128,18 @@ class _Context:
             return
         found = needles(self.record.removed_values)
         words = {w.upper() for w in self.identifiers if len(w) >= 2} | {n for n, k in found.items() if k != "UID"}
-        if not words:
-            return
-        pattern = _words_pattern(frozenset(words))
+        pattern = _words_pattern(frozenset(words)) if words else None
+        matcher = identity_matcher(self.record)  # every spelling of them (variants.py), as the guard searches
+
+        def clean(text: str) -> str:
+            text = pattern.sub("", text).strip() if pattern is not None else text
+            return matcher.remove(text)
+
         for elem in self.to_clean:
             if isinstance(elem.value, (MultiValue, list)):
-                elem.value = [pattern.sub("", str(v)).strip() for v in elem.value]
+                elem.value = [clean(str(v)) for v in elem.value]
             else:
-                elem.value = pattern.sub("", str(elem.value)).strip()
+                elem.value = clean(str(elem.value))
 
 
 class Deidentifier:
@@ -309,6 +313,7 @@ class Deidentifier:
         """Remember an identifying original for the leak guard (descriptors are not identifying)."""
         if vr in ("PN", "DA", "DT", "UI") or tag not in self.descriptors:
             ctx.record.removed_values.append((vr, value))
+            ctx.record.identity.append((tag, vr, value))
 
     # -- actions --------------------------------------------------------------------------------
 
