@@ -18,8 +18,8 @@ Variants built from the identifying values (`Identity`):
   and glued ("j muller", "jmuller"), each component of 3 letters or more that is not
   a word of the DICOM dictionary, components of 5 letters or more also glued inside a
   word or login ("XMULLER"), CJK components of 2 ideographs or 3 kana anywhere, German
-  transliterations (ü → ue), anyascii's transliteration (Cyrillic, Greek, ø …) and
-  pykakasi's romaji of Japanese components;
+  transliterations (ü → ue), anyascii's transliteration (Cyrillic, Greek, ø …, and kana to
+  romaji: the phonetic group of a Japanese name gives its Latin spelling);
 * dates (DA, and the date head of a DT): YYYYMMDD (also at the head of a DT), ISO,
   DD.MM.YYYY, DD/MM/YYYY, MM/DD/YYYY, without leading zeros, written out with month names
   in English, German, French and Spanish ("4 March 1962", "March 4th, 1962", "04-Mar-1962",
@@ -214,17 +214,10 @@ def _is_weak_name(comps: list[str], vocabulary: frozenset[str]) -> bool:
     return len(comps) > 1 and all(c.replace(SEP, " ").upper() in vocabulary for c in comps)
 
 
-@lru_cache(maxsize=1)
-def _kakasi():  # type: ignore[no-untyped-def]
-    import pykakasi  # half a second to load its dictionaries: only when a Japanese name comes
-
-    return pykakasi.kakasi()
-
-
 def _romaji(text: str) -> str:
-    if not _cjk(text):
-        return anyascii(text)
-    return "".join(item["hepburn"] for item in _kakasi().convert(text))
+    """Kana (the phonetic group) read in Latin letters; ideographs have no reading of their own here
+    (pykakasi would give one but is GPL): the phonetic group of a Japanese name carries the reading."""
+    return "" if _ideographic(text) else anyascii(text)
 
 
 # -- dates ----------------------------------------------------------------------------------------------
