@@ -74,6 +74,8 @@ TEXT_VRS = frozenset({"AE", "CS", "LO", "LT", "SH", "ST", "UC", "UT", "UR"})
 FREE_TEXT_VRS = frozenset({"LT", "ST", "UT", "UC", "PN"})
 #: VRs of values kept on purpose that the leak guard then excuses elsewhere.
 RETAINED_VRS = frozenset({"DA", "DT"}) | TEXT_VRS
+#: VRs C knows how to clean; other values keep their dictionary VR's meaning (numbers, binary data).
+CLEANABLE_VRS = frozenset({"PN", "DA", "DT", "UI", "SQ", "TM", "AS"}) | TEXT_VRS
 #: VRs whose removed originals the leak guard searches for (see guard.py).
 NEEDLE_VRS = frozenset({"PN", "DA", "DT", "UI"}) | TEXT_VRS
 
@@ -85,12 +87,25 @@ DEFINITION_UID = re.compile(r"SOPClass|TransferSyntax|ImplementationClass|Coding
 #: Equipment attributes the table keeps: their values are expected in the output.
 VENDOR_TAGS = frozenset({0x00080070, 0x00081090, 0x00181020, 0x00181016, 0x00181018, 0x00181019})
 
+CONTEXT_GROUP_UID = re.compile(r"1\.2\.840\.10008\.6\.1\.\d{1,5}")
+
+#: Sequences whose items *are* identifiers (a person's or an institution's codes): a D on them
+#: dummies every value of their items, codes included, not just their free text.
+IDENTIFIER_SEQUENCE = re.compile(r"Identification|InstitutionCode|HumanPerformer|IssuerOf|OtherPatientIDs")
+#: Overlay Description (60xx,0022), Overlay Label (60xx,1500), Curve Description and Label (50xx,0022 and
+#: 50xx,2500): free text about the graphics, cleaned (C) whatever the options (the table does not list them).
+GRAPHICS_TEXT = frozenset({(0x6000, 0x0022), (0x6000, 0x1500), (0x5000, 0x0022), (0x5000, 0x2500)})
+#: File meta elements kept (the rest, e.g. RTV Communication SOP Instance UID, go): PS3.10 7.1 required ones.
+META_KEEP = frozenset({0x00020000, 0x00020001, 0x00020002, 0x00020003, 0x00020010, 0x00020012, 0x00020013})
+#: A dotted number long enough to be a UID, inside any text (Referenced File ID, comments, CS).
+UID_IN_TEXT = re.compile(r"(?<![\d.])[0-2](?:\.\d+){3,}(?![\d.])")
+
+SCHEME_TAGS = frozenset({0x00080102, 0x00080103})  # Coding Scheme Designator and Version
+
 PATIENT_ID = 0x00100020
 PATIENT_NAME = 0x00100010
 ACCESSION_NUMBER = 0x00080050
 
-#: File meta elements that name the sending system or carry private data.
-META_REMOVE = (0x00020016, 0x00020017, 0x00020018, 0x00020026, 0x00020027, 0x00020028, 0x00020100, 0x00020102)
 
 
 class DeidError(Exception):
@@ -98,8 +113,12 @@ class DeidError(Exception):
 
 
 def is_well_known_uid(value: str) -> bool:
-    """SOP classes, transfer syntaxes, coding schemes and other UIDs the standard itself defines."""
-    return value in UID_dictionary or value.startswith("1.2.840.10008.")
+    """SOP classes, transfer syntaxes, coding schemes and other UIDs the standard itself defines.
+
+    Only a UID the standard defines (pydicom's UID dictionary, and the context group UIDs of
+    PS3.6 Table A-3) is well-known: an instance UID a device minted under 1.2.840.10008 is remapped.
+    """
+    return value in UID_dictionary or bool(CONTEXT_GROUP_UID.fullmatch(value))
 
 
 def resolve(rule: dict[str, Any], options: frozenset[str]) -> str:
@@ -120,6 +139,20 @@ class _Context:
     shift_days: int | None
     identifiers: list[str] = field(default_factory=list)
     to_clean: list[DataElement] = field(default_factory=list)
+    uid_texts: list[DataElement] = field(default_factory=list)
+
+    def remap_uids_in_text(self, remap: Any) -> None:
+        """Original UIDs quoted in kept text (Referenced File ID, comments) get their pseudonyms."""
+        def replace(match: re.Match[str]) -> str:
+            uid = match.group()
+            known = uid in self.record.uid_map
+            return remap(uid) if known or (len(uid) >= 16 and not is_well_known_uid(uid)) else uid
+
+        for elem in self.uid_texts:
+            if isinstance(elem.value, (MultiValue, list)):
+                elem.value = [UID_IN_TEXT.sub(replace, str(v)) for v in elem.value]
+            else:
+                elem.value = UID_IN_TEXT.sub(replace, str(elem.value))
 
     def clean_text(self) -> None:
         """C on text: remove the patient's identifiers and every identifying value the walk
@@ -190,6 +223,7 @@ class Deidentifier:
         )
         kept_by_override = {tag: ds[tag] for tag, action, _ in self.overrides if action == "keep" and tag in ds}
         self._walk(ds, ctx)
+        ctx.remap_uids_in_text(lambda uid: self._uid(uid, ctx))
         ctx.clean_text()
         # Type 2 in every composite IOD: present even if the sender left them out.
         ds.PatientID = record.pseudo_patient_id
@@ -209,6 +243,7 @@ class Deidentifier:
     def _walk(self, ds: Dataset, ctx: _Context, mode: str = "") -> None:
         """Apply the table to every element of `ds`; `mode` is "dummy" inside a D sequence, "clean" inside C."""
         self._private(ds)
+        self._walk_private(ds, ctx, mode)
         for tag in list(ds.keys()):
             if tag & 0xFFFF == 0 or tag >> 16 & 1:  # group lengths go (recomputed); private done above
                 if tag & 0xFFFF == 0:
@@ -230,6 +265,8 @@ class Deidentifier:
         for group_mask, group_value, element_mask, element_value, mask_action in self.masks:
             if group & group_mask == group_value and element & element_mask == element_value:
                 return mask_action
+        if (group & 0xFF00, element) in GRAPHICS_TEXT and group & 1 == 0:
+            return "C"
         return None
 
     def _private(self, ds: Dataset) -> None:
@@ -247,6 +284,13 @@ class Deidentifier:
             if tag not in keep:
                 del ds[tag]
 
+    def _walk_private(self, ds: Dataset, ctx: _Context, mode: str) -> None:
+        """A retained private sequence: its items get the table's rules like any other."""
+        for tag in [t for t in ds.keys() if t >> 16 & 1 and t & 0xFF00]:
+            if ds[tag].VR == "SQ":
+                for item in ds[tag].value or []:
+                    self._walk(item, ctx, mode)
+
     def _is_safe(self, ds: Dataset, group: int, element: int) -> bool:
         """Table E.3.10-1 match by private creator, group and element low byte, never by block."""
         creator = ds.get((group << 16) | (element >> 8))
@@ -262,6 +306,10 @@ class Deidentifier:
                 self._walk(item, ctx, mode)
         elif vr == "UI" and not ctx.keep_uids and not DEFINITION_UID.search(keyword_for_tag(tag) or ""):
             self._remap(ds[tag], ctx)
+        elif mode == "identifier" and vr in TEXT_VRS | {"PN"} and ds[tag].value not in (None, ""):
+            if tag not in SCHEME_TAGS:  # "DCM", "99LOCAL": a scheme's name, not the person's
+                self._note(ctx, tag, vr, ds[tag].value)
+            ds[tag].value = DUMMY[vr]
         elif tag in VENDOR_TAGS:
             # Kept by the table; test and phantom data often name the vendor as the institution
             # ("SIEMENS"): the same word removed from InstitutionName is then no leak here.
@@ -272,6 +320,8 @@ class Deidentifier:
                 ds[tag].value = DUMMY[vr]
             else:
                 self._clean(ds[tag], vr, ctx)
+        elif vr in TEXT_VRS and not ctx.keep_uids and UID_IN_TEXT.search(str(ds[tag].value or "")):
+            ctx.uid_texts.append(ds[tag])  # once every UID of the dataset is remapped
 
     def _act(self, ds: Dataset, tag: int, action: str, ctx: _Context, mode: str) -> None:
         vr = _vr(ds, tag)
@@ -292,8 +342,9 @@ class Deidentifier:
             ds[tag].value = [] if vr == "SQ" else None
         elif action == "D":
             if vr == "SQ":
+                mode = "identifier" if IDENTIFIER_SEQUENCE.search(keyword_for_tag(tag) or "") else "dummy"
                 for item in ds[tag].value:
-                    self._walk(item, ctx, "dummy")
+                    self._walk(item, ctx, mode)
             else:
                 self._dummy(ds[tag], vr, ctx)
         elif action == "U":
@@ -304,6 +355,8 @@ class Deidentifier:
                     self._walk(item, ctx, "clean")
             elif tag >> 16 & 0xFF00 == 0x6000 and tag & 0xFFFF == 0x3000:
                 self._clean_overlay(ds, tag)
+            elif vr not in CLEANABLE_VRS and vr != _dictionary_vr(tag):
+                del ds[tag]  # C on a value that is not text (UN, a wrong VR): nothing to clean it by
             else:
                 self._clean(ds[tag], vr, ctx)
         else:
@@ -437,9 +490,8 @@ class Deidentifier:
 
     def _file_meta(self, ds: FileDataset) -> None:
         meta = ds.file_meta
-        for tag in META_REMOVE:
-            if tag in meta:
-                del meta[tag]
+        for tag in [t for t in meta.keys() if t not in META_KEEP]:
+            del meta[tag]  # the sending system's names, private data, RTV UIDs: nothing beyond PS3.10's
         meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
         meta.MediaStorageSOPClassUID = ds.SOPClassUID
         meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
