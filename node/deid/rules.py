@@ -24,6 +24,7 @@ Overlay data removed (X) takes its whole overlay group with it.
 
 from __future__ import annotations
 
+import copy
 import datetime
 import json
 import re
@@ -41,6 +42,7 @@ from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID_dictionary
 
 from node import __version__
 from node.deid.guard import identity_matcher, needle_strings, needles
+from node.deid.variants import PERSON_NAME
 from node.deid.pseudonyms import Pseudonymizer, patient_key
 from node.deid.record import DeidRecord
 
@@ -139,20 +141,31 @@ class _Context:
     shift_days: int | None
     identifiers: list[str] = field(default_factory=list)
     to_clean: list[DataElement] = field(default_factory=list)
-    uid_texts: list[DataElement] = field(default_factory=list)
+    kept_text: list[DataElement] = field(default_factory=list)
 
-    def remap_uids_in_text(self, remap: Any) -> None:
-        """Original UIDs quoted in kept text (Referenced File ID, comments) get their pseudonyms."""
+    def tidy_kept_text(self, remap: Any) -> None:
+        """Text the table does not list is kept, but not the identity in it: original UIDs quoted
+        there (Referenced File ID, comments) get their pseudonyms, and every spelling of the
+        instance's identifying values (variants.py) is removed; in code strings, whole names only."""
         def replace(match: re.Match[str]) -> str:
             uid = match.group()
             known = uid in self.record.uid_map
             return remap(uid) if known or (len(uid) >= 16 and not is_well_known_uid(uid)) else uid
 
-        for elem in self.uid_texts:
+        if not self.kept_text:
+            return
+        matcher = identity_matcher(self.record)
+        for elem in self.kept_text:
+            kinds = (PERSON_NAME,) if elem.VR == "CS" else None
+
+            def tidy(text: str) -> str:
+                text = text if self.keep_uids else UID_IN_TEXT.sub(replace, text)
+                return matcher.remove(text, kinds)
+
             if isinstance(elem.value, (MultiValue, list)):
-                elem.value = [UID_IN_TEXT.sub(replace, str(v)) for v in elem.value]
+                elem.value = [tidy(str(v)) for v in elem.value]
             else:
-                elem.value = UID_IN_TEXT.sub(replace, str(elem.value))
+                elem.value = tidy(str(elem.value))
 
     def clean_text(self) -> None:
         """C on text: remove the patient's identifiers and every identifying value the walk
@@ -221,9 +234,11 @@ class Deidentifier:
             shift_days=self.pseudonyms.date_offset_days(key) if "retain_long_modified_dates" in self.options else None,
             identifiers=_identifiers(ds),
         )
-        kept_by_override = {tag: ds[tag] for tag, action, _ in self.overrides if action == "keep" and tag in ds}
+        # copies: the walk changes elements in place, and "keep" means the value as it came
+        kept_by_override = {tag: copy.deepcopy(ds[tag]) for tag, action, _ in self.overrides
+                            if action == "keep" and tag in ds}
         self._walk(ds, ctx)
-        ctx.remap_uids_in_text(lambda uid: self._uid(uid, ctx))
+        ctx.tidy_kept_text(lambda uid: self._uid(uid, ctx))
         ctx.clean_text()
         # Type 2 in every composite IOD: present even if the sender left them out.
         ds.PatientID = record.pseudo_patient_id
@@ -320,8 +335,8 @@ class Deidentifier:
                 ds[tag].value = DUMMY[vr]
             else:
                 self._clean(ds[tag], vr, ctx)
-        elif vr in TEXT_VRS and not ctx.keep_uids and UID_IN_TEXT.search(str(ds[tag].value or "")):
-            ctx.uid_texts.append(ds[tag])  # once every UID of the dataset is remapped
+        elif vr in TEXT_VRS | {"PN"} and ds[tag].value not in (None, ""):
+            ctx.kept_text.append(ds[tag])  # searched once every identifying value and UID is known
 
     def _act(self, ds: Dataset, tag: int, action: str, ctx: _Context, mode: str) -> None:
         vr = _vr(ds, tag)

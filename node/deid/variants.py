@@ -381,9 +381,10 @@ class Matcher:
                 return hit.kind
         return None
 
-    def remove(self, text: str) -> str:
-        """`text` without any match (C: the rest of the text is kept), spaces tidied."""
-        spans = sorted(self.hits(text), key=lambda hit: hit.start)
+    def remove(self, text: str, kinds: Iterable[str] | None = None) -> str:
+        """`text` without any match (of `kinds`, when given): C keeps the rest, spaces tidied."""
+        allowed = None if kinds is None else frozenset(kinds)
+        spans = sorted((h for h in self.hits(text) if allowed is None or h.kind in allowed), key=lambda h: h.start)
         if not spans:
             return text
         text = nfc(text)
