@@ -142,16 +142,21 @@ class _Context:
     identifiers: list[str] = field(default_factory=list)
     to_clean: list[DataElement] = field(default_factory=list)
     kept_text: list[DataElement] = field(default_factory=list)
+    remap: Any = None  # original UID → pseudonym (Deidentifier._uid bound to this context)
 
-    def tidy_kept_text(self, remap: Any) -> None:
-        """Text the table does not list is kept, but not the identity in it: original UIDs quoted
-        there (Referenced File ID, comments) get their pseudonyms, and every spelling of the
-        instance's identifying values (variants.py) is removed; in code strings, whole names only."""
+    def remap_quoted_uids(self, text: str) -> str:
+        """Original UIDs quoted in text (Referenced File ID, comments) get their pseudonyms."""
         def replace(match: re.Match[str]) -> str:
             uid = match.group()
             known = uid in self.record.uid_map
-            return remap(uid) if known or (len(uid) >= 16 and not is_well_known_uid(uid)) else uid
+            return self.remap(uid) if known or (len(uid) >= 16 and not is_well_known_uid(uid)) else uid
 
+        return text if self.keep_uids else UID_IN_TEXT.sub(replace, text)
+
+    def tidy_kept_text(self) -> None:
+        """Text the table does not list is kept, but not the identity in it: quoted original UIDs
+        get their pseudonyms, and every spelling of the instance's identifying values
+        (variants.py) is removed; in code strings, whole names only."""
         if not self.kept_text:
             return
         matcher = identity_matcher(self.record)
@@ -159,10 +164,15 @@ class _Context:
             kinds = (PERSON_NAME,) if elem.VR == "CS" else None
 
             def tidy(text: str) -> str:
-                text = text if self.keep_uids else UID_IN_TEXT.sub(replace, text)
-                return matcher.remove(text, kinds)
+                return matcher.remove(self.remap_quoted_uids(text), kinds)
 
-            if isinstance(elem.value, (MultiValue, list)):
+            if isinstance(elem.value, bytes):  # UN: searched by the guard as Latin-1, so tidied as such
+                text = elem.value.decode("latin-1")
+                tidied = tidy(text)
+                if tidied != text:
+                    data = tidied.encode("latin-1", "replace")
+                    elem.value = data + b" " * (len(data) % 2)
+            elif isinstance(elem.value, (MultiValue, list)):
                 elem.value = [tidy(str(v)) for v in elem.value]
             else:
                 elem.value = tidy(str(elem.value))
@@ -179,7 +189,7 @@ class _Context:
 
         def clean(text: str) -> str:
             text = pattern.sub("", text).strip() if pattern is not None else text
-            return matcher.remove(text)
+            return matcher.remove(self.remap_quoted_uids(text))
 
         for elem in self.to_clean:
             if isinstance(elem.value, (MultiValue, list)):
@@ -234,11 +244,12 @@ class Deidentifier:
             shift_days=self.pseudonyms.date_offset_days(key) if "retain_long_modified_dates" in self.options else None,
             identifiers=_identifiers(ds),
         )
+        ctx.remap = lambda uid: self._uid(uid, ctx)
         # copies: the walk changes elements in place, and "keep" means the value as it came
         kept_by_override = {tag: copy.deepcopy(ds[tag]) for tag, action, _ in self.overrides
                             if action == "keep" and tag in ds}
         self._walk(ds, ctx)
-        ctx.tidy_kept_text(lambda uid: self._uid(uid, ctx))
+        ctx.tidy_kept_text()
         ctx.clean_text()
         # Type 2 in every composite IOD: present even if the sender left them out.
         ds.PatientID = record.pseudo_patient_id
@@ -300,11 +311,15 @@ class Deidentifier:
                 del ds[tag]
 
     def _walk_private(self, ds: Dataset, ctx: _Context, mode: str) -> None:
-        """A retained private sequence: its items get the table's rules like any other."""
+        """Retained private elements: a sequence's items get the table's rules like any other,
+        text (and UN, as Latin-1) loses the instance's identity like untabled text."""
         for tag in [t for t in ds.keys() if t >> 16 & 1 and t & 0xFF00]:
-            if ds[tag].VR == "SQ":
-                for item in ds[tag].value or []:
+            elem = ds[tag]
+            if elem.VR == "SQ":
+                for item in elem.value or []:
                     self._walk(item, ctx, mode)
+            elif elem.VR in TEXT_VRS | {"PN", "UN"} and elem.value not in (None, "", b""):
+                ctx.kept_text.append(elem)
 
     def _is_safe(self, ds: Dataset, group: int, element: int) -> bool:
         """Table E.3.10-1 match by private creator, group and element low byte, never by block."""
