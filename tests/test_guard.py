@@ -110,12 +110,12 @@ def guard(ds: FileDataset, options=(), overrides=()) -> tuple[Leak | None, DeidR
 
 def _replant(engine: Deidentifier, before: Dataset, after: Dataset) -> None:
     for elem in after:
-        if elem.tag not in before or elem.tag.is_private:
+        if elem.tag not in before:
             continue
         if elem.VR == "SQ":
             for old, new in zip(before[elem.tag].value, elem.value):
                 _replant(engine, old, new)
-        elif engine._action(elem.tag) is None and elem.VR in ("LO", "LT", "SH", "ST", "UT", "UC", "PN", "CS"):
+        elif (elem.tag.is_private or engine._action(elem.tag) is None) and elem.VR in ("LO", "LT", "SH", "ST", "UT", "UC", "PN", "CS"):
             elem.value = before[elem.tag].value
 
 
