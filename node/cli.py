@@ -67,7 +67,8 @@ def _deidentifier(settings: config.Settings) -> Deidentifier:
         raise Fatal(f"telenode: configuration error: {settings.path}: anonymization.key_file: "
                     f"{settings.key_file}: {reason}") from None
     try:
-        return Deidentifier(Pseudonymizer(key, settings.organization), settings.profile_options, settings.overrides)
+        return Deidentifier(Pseudonymizer(key, settings.organization), settings.profile_options, settings.overrides,
+                            unlisted=settings.unlisted)
     except ValueError as exc:
         raise Fatal(f"telenode: configuration error: {settings.path}: anonymization.profile_options: {exc}") from None
 

@@ -31,6 +31,7 @@ PROFILE_OPTIONS: tuple[str, ...] = (
     "clean_pixel_data",  # PS3.15 E.3.1 (113101): blank configured rectangles; not a Table E.1-1 column
 )
 BURNED_IN_POLICIES = ("reject", "quarantine", "pass")
+UNLISTED_POLICIES = ("keep", "remove")
 TLS_VERSIONS = ("1.2", "1.3")
 
 
@@ -147,6 +148,8 @@ class Settings:
     audit_file: Path | None = None  # audit records also appended here as JSON lines (for a SIEM)
     audit_syslog: str = ""  # audit records also sent to syslog: "/dev/log", "host:port" (UDP)
     warnings: tuple[str, ...] = ()  # valid but risky settings, logged at start
+    unlisted: str = "keep"  # "remove": attributes neither in Table E.1-1 nor on the safe list go
+    ocr_all_images: bool = False  # burned_in = "ocr": read every image, not only the suspect ones
 
     @property
     def mapping_key(self) -> Path:
@@ -261,6 +264,8 @@ ANON_KEYS: dict[str, tuple[Any, Any, Check | None]] = {
     "leak_guard": (bool, True, None),
     "overrides": (dict, {}, None),
     "pixel_rules": (list, [], None),
+    "unlisted": (str, "keep", _one_of(*UNLISTED_POLICIES)),
+    "ocr_all_images": (bool, False, None),
 }
 PIXEL_RULE_KEYS: dict[str, tuple[Any, Any, Check | None]] = {
     "rectangles": (list, REQUIRED, None),
@@ -428,6 +433,8 @@ def load(path: str | os.PathLike[str]) -> Settings:
         audit_file=_resolve(base, security["audit_file"]) if security["audit_file"] else None,
         audit_syslog=security["audit_syslog"],
         warnings=_warnings(destinations),
+        unlisted=anon["unlisted"],
+        ocr_all_images=anon["ocr_all_images"],
     )
 
 

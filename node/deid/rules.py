@@ -47,6 +47,11 @@ from node.deid.pseudonyms import Pseudonymizer, patient_key
 from node.deid.record import DeidRecord
 
 TABLE: dict[str, Any] = json.loads(resources.files("node.deid").joinpath("ps315.json").read_text())
+#: Known-safe technical attributes (scripts/gen_safe_attributes.py): all that `unlisted = "remove"` keeps.
+SAFE_ATTRIBUTES: frozenset[str] = frozenset(
+    entry["tag"].upper() for entry in
+    json.loads(resources.files("node.deid").joinpath("safe_attributes.json").read_text())["attributes"])
+UNLISTED_POLICIES = ("keep", "remove")
 
 #: Table E.1-1 option columns, plus Clean Pixel Data (E.3.1), which acts on pixels (node/deid/pixels.py).
 TABLE_OPTIONS: tuple[str, ...] = tuple(TABLE["options"])
@@ -202,7 +207,10 @@ class Deidentifier:
     """Applies the Basic Profile with the claimed options; one per process, thread-safe."""
 
     def __init__(self, pseudonyms: Pseudonymizer, options: Iterable[str] = (),
-                 overrides: Iterable[tuple[int, str, Any]] = ()) -> None:
+                 overrides: Iterable[tuple[int, str, Any]] = (), unlisted: str = "keep") -> None:
+        if unlisted not in UNLISTED_POLICIES:
+            raise ValueError(f"unlisted must be one of {', '.join(UNLISTED_POLICIES)}")
+        self.remove_unlisted = unlisted == "remove"
         self.options = frozenset(options)
         unknown = self.options - set(SUPPORTED_OPTIONS)
         if unknown:
@@ -330,6 +338,9 @@ class Deidentifier:
     def _untabled(self, ds: Dataset, tag: int, ctx: _Context, mode: str) -> None:
         """Not in Table E.1-1: kept, but instance UIDs are remapped, sequences walked, and free text
         inside a D (dummy) or C (clean) sequence replaced or cleaned like the sequence itself."""
+        if self.remove_unlisted and not _is_safe_attribute(tag):
+            del ds[tag]  # strict allow-list: neither in the table nor known to be a safe technical attribute
+            return
         vr = _vr(ds, tag)
         if vr == "SQ":
             for item in ds[tag].value:
@@ -549,6 +560,13 @@ class Deidentifier:
         if not record.study_instance_uid or not record.series_instance_uid or not record.sop_instance_uid:
             raise DeidError("no Study, Series or SOP Instance UID")
         return record
+
+
+def _is_safe_attribute(tag: int) -> bool:
+    """On the generated allow-list; overlay groups (60xx) by their repeating form."""
+    if tag >> 24 == 0x60 and not tag >> 16 & 1:
+        return f"60XX{tag & 0xFFFF:04X}" in SAFE_ATTRIBUTES
+    return f"{tag:08X}" in SAFE_ATTRIBUTES
 
 
 def _vr(ds: Dataset, tag: int) -> str:
