@@ -79,6 +79,7 @@ def _safeguards(settings: config.Settings) -> Safeguards:
         clean_pixels="clean_pixel_data" in settings.profile_options,
         pixel_rules=settings.pixel_rules,
         guard=Guard() if settings.leak_guard else None,
+        ocr_all_images=settings.ocr_all_images,
     )
 
 

@@ -30,7 +30,7 @@ PROFILE_OPTIONS: tuple[str, ...] = (
     "clean_graphics",
     "clean_pixel_data",  # PS3.15 E.3.1 (113101): blank configured rectangles; not a Table E.1-1 column
 )
-BURNED_IN_POLICIES = ("reject", "quarantine", "pass")
+BURNED_IN_POLICIES = ("reject", "quarantine", "pass", "ocr")
 UNLISTED_POLICIES = ("keep", "remove")
 TLS_VERSIONS = ("1.2", "1.3")
 

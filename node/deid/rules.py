@@ -42,7 +42,7 @@ from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID_dictionary
 
 from node import __version__
 from node.deid.guard import identity_matcher, needle_strings, needles
-from node.deid.variants import PERSON_NAME
+from node.deid.variants import PERSON_NAME, Identity
 from node.deid.pseudonyms import Pseudonymizer, patient_key
 from node.deid.record import DeidRecord
 
@@ -271,6 +271,19 @@ class Deidentifier:
         self._file_meta(ds)
         record.method_codes = tuple(code["code"] for code in applied)
         return record
+
+    def identity_of(self, ds: Dataset) -> Identity:
+        """The identifying values of an original instance, top level, before any walk: what OCR
+        looks for in its pixels (the same rows the leak guard takes its needles from)."""
+        values = []
+        for tag in ds.keys():
+            action = self._action(tag)
+            if action in (None, "K") or tag >> 16 & 1 or tag in self.descriptors:
+                continue
+            vr = _vr(ds, tag)
+            if vr in ("PN", "DA", "DT") or vr in TEXT_VRS:
+                values.extend((int(tag), vr, text) for text in needle_strings(ds[tag].value) if text)
+        return Identity(tuple(values))
 
     # -- the walk -------------------------------------------------------------------------------
 
