@@ -5,7 +5,8 @@ private tags, in odd places. Before an instance is spooled, the guard takes
 the identifying values the rule engine removed or replaced (every value it
 did not keep), turns them into needles, and searches every element of the
 de-identified dataset for them: file meta, sequences, private elements,
-text and small binary values alike (pixel data excepted), case-insensitively.
+text and small binary values alike (OB and UN read for their printable runs;
+pixel data and word-sized OW values — samples, LUTs, curves — excepted), case-insensitively.
 
 Which values become needles (the documented rule, so that common values raise
 no false alarm):
@@ -60,7 +61,8 @@ from node.deid.variants import PERSON_NAME, Identity, Matcher, canonical, varian
 TEXT_VRS = frozenset({"AE", "CS", "LO", "SH", "ST", "LT", "UT", "UC", "UR"})
 SKIP_TAGS = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009})  # pixel data is not searched
 #: Code strings, numbers and times: "1234567" the exposure is not patient 1234567.
-UNSEARCHED_VRS = frozenset({"DS", "IS", "TM", "AS", "US", "SS", "UL", "SL", "FL", "FD", "AT", "SV", "UV",
+#: OW (and the other word-sized binary VRs) hold samples, LUTs and curves: 16-bit words are not text.
+UNSEARCHED_VRS = frozenset({"OW", "DS", "IS", "TM", "AS", "US", "SS", "UL", "SL", "FL", "FD", "AT", "SV", "UV",
                             "OF", "OD", "OL", "OV"})
 #: Coded values: words from a coding scheme, not free text ("TEST" the code is not Mr Test).
 CODE_KEYWORDS = frozenset({"CodeValue", "CodingSchemeDesignator", "CodingSchemeVersion", "LongCodeValue",
@@ -216,6 +218,22 @@ def find_word(text: str, words: list[str]) -> str | None:
     return None
 
 
+#: Runs of 3 or more printable Latin-1 characters: where text can hide in a binary value.
+PRINTABLE_RUN = re.compile(rb"[\x20-\x7e\xa0-\xff]{3,}")
+
+
+def _printable(value: bytes) -> str:
+    """The text a binary value could carry (its printable runs, one a line), read as Latin-1 and,
+    when it decodes, as UTF-8; waveform samples and other numbers mostly fall away (and cost nothing)."""
+    runs = b"\n".join(PRINTABLE_RUN.findall(value))
+    text = runs.decode("latin-1")
+    try:
+        utf8 = value.decode("utf-8")
+    except UnicodeDecodeError:
+        return text
+    return text if utf8.isascii() else text + "\n" + utf8
+
+
 def _word_char(char: str) -> bool:
     return char.isalnum() or char == "_"
 
@@ -243,7 +261,7 @@ def _texts(ds: Dataset, prefix: str = "") -> Iterator[tuple[str, str, str]]:
             continue
         if isinstance(value, bytes):
             if len(value) <= MAX_BINARY:
-                yield path, elem.VR, value.decode("latin-1")
+                yield path, elem.VR, _printable(value)
             continue
         for text in _strings(value):
             yield path, elem.VR, text
