@@ -49,13 +49,14 @@ GROUPS = {
     0x0072: "hanging protocol layout", 0x0076: "implant assembly geometry", 0x0078: "implant template",
     0x3002: "RT image geometry", 0x3004: "RT dose description", 0x3006: "RT structure geometry",
     0x3008: "RT treatment record parameters", 0x300A: "RT plan parameters", 0x300C: "RT references",
-    0x5200: "functional group structure", 0x5400: "waveform description", 0x6000: "overlay description",
+    0x2050: "presentation LUT", 0x5200: "functional group structure", 0x5400: "waveform description", 0x6000: "overlay description",
     0x7FE0: "pixel data",
 }
 #: Sequences kept as structure (their items are checked element by element).
 SEQUENCE_WORDS = re.compile(r"^Referenced|Code Sequence$|Functional Groups|Parameters|Position|Orientation|"
                             r"Pixel|Frame|Plane|Dimension|Window|LUT|Graphic|Shape|Contour|Beam|Dose|Geometry|"
-                            r"Measure|Units|Mapping|Segment|Derivation|Source Image|Purpose of Reference")
+                            r"Measure|Units|Mapping|Segment|Derivation|Source Image|Purpose of Reference|Regions|Waveform|"
+                            r"Channel|Fraction|Setup|Coding Scheme Identification")
 #: Explicit additions outside the patterns, each with its reason.
 EXPLICIT = {
     "CodeValue": "coded value: a coding scheme's code, not free text",
@@ -81,6 +82,18 @@ EXPLICIT = {
     "ConceptNameCodeSequence": "SR concept code", "ConceptCodeSequence": "SR coded value",
     "MeasuredValueSequence": "SR measurement", "ContentTemplateSequence": "SR template",
     "TemplateIdentifier": "SR template number", "PixelData": "the image itself (burned-in text: see burned_in)",
+    "Manufacturer": "equipment make: a reader needs it to interpret vendor-specific images",
+    "ManufacturerModelName": "equipment model: as Manufacturer", "SoftwareVersions": "equipment software: as Manufacturer",
+    "PositionReferenceIndicator": "geometry: the anatomical reference of the frame of reference",
+    "ImagedNucleus": "MR acquisition parameter", "SequenceName": "MR acquisition parameter",
+    "TransmitCoilName": "MR acquisition parameter", "ReceiveCoilName": "MR acquisition parameter",
+    "ConvolutionKernel": "CT reconstruction parameter", "FilterType": "acquisition parameter",
+    "RescaleType": "pixel value units", "ProcessingFunction": "pixel processing",
+    "StageNumber": "stress echo structure", "NumberOfStages": "stress echo structure",
+    "ViewNumber": "stress echo structure", "NumberOfViewsInStage": "stress echo structure",
+    "ExaminedBodyThickness": "acquisition geometry",
+    "CompletionFlag": "SR document status (a code string)", "VerificationFlag": "SR document status (a code string)",
+    "ApprovalStatus": "RT object status (a code string)", "SimpleFrameList": "frame references (numbers)",
 }
 
 
