@@ -288,3 +288,19 @@ def test_network_path_lets_nothing_planted_through(tmp_path, make_node, make_sto
         assert survivors(path) == [], path.name
         assert pydicom.dcmread(path).file_meta.TransferSyntaxUID.is_implicit_VR == SYNTAXES[syntax]
     assert node.stop() == 0
+
+
+def test_retained_private_sequence_items_get_the_table():
+    """A private sequence kept by Retain Safe Private has its items walked with Table E.1-1's rules."""
+    engine = Deidentifier(Pseudonymizer(b"a" * 32, "ORG"), ["retain_safe_private"])
+    engine.safe_private = engine.safe_private | {("ACME SAFE", 0x0009, 0x11)}  # as if Table E.3.10-1 listed it
+    ds = base(False)
+    private_groups(ds, False)
+    ds[0x00090010].value = "ACME SAFE"
+    original_name = str(ds[0x00091011].value[0].PatientName)
+    record = engine.apply(ds)
+    assert 0x00091011 in ds and 0x00091010 not in ds  # the listed sequence kept, the unlisted text not
+    item = ds[0x00091011].value[0]
+    assert str(item.PatientName) != original_name and "MÜLLER" not in str(item.PatientName)
+    assert "jmuller" not in str(item.get("LUTExplanation", ""))
+    assert Guard().check(ds, record) is None

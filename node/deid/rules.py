@@ -178,9 +178,11 @@ class _Context:
                     data = tidied.encode("latin-1", "replace")
                     elem.value = data + b" " * (len(data) % 2)
             elif isinstance(elem.value, (MultiValue, list)):
-                elem.value = [tidy(str(v)) for v in elem.value]
-            else:
-                elem.value = tidy(str(elem.value))
+                values = [tidy(str(v)) for v in elem.value]
+                if values != [str(v) for v in elem.value]:  # untouched values keep their exact form
+                    elem.value = values
+            elif (tidied := tidy(str(elem.value))) != str(elem.value):
+                elem.value = tidied
 
     def clean_text(self) -> None:
         """C on text: remove the patient's identifiers and every identifying value the walk
