@@ -6,7 +6,7 @@ the identifying values the rule engine removed or replaced (every value it
 did not keep), turns them into needles, and searches every element of the
 de-identified dataset for them: file meta, sequences, private elements,
 text and small binary values alike (OB and UN read for their printable runs;
-pixel data and word-sized OW values — samples, LUTs, curves — excepted), case-insensitively.
+pixel data and OW values over 64 KiB — waveform samples, LUTs, curves — excepted), case-insensitively.
 
 Which values become needles (the documented rule, so that common values raise
 no false alarm):
@@ -61,13 +61,14 @@ from node.deid.variants import PERSON_NAME, Identity, Matcher, canonical, varian
 TEXT_VRS = frozenset({"AE", "CS", "LO", "SH", "ST", "LT", "UT", "UC", "UR"})
 SKIP_TAGS = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009})  # pixel data is not searched
 #: Code strings, numbers and times: "1234567" the exposure is not patient 1234567.
-#: OW (and the other word-sized binary VRs) hold samples, LUTs and curves: 16-bit words are not text.
-UNSEARCHED_VRS = frozenset({"OW", "DS", "IS", "TM", "AS", "US", "SS", "UL", "SL", "FL", "FD", "AT", "SV", "UV",
+UNSEARCHED_VRS = frozenset({"DS", "IS", "TM", "AS", "US", "SS", "UL", "SL", "FL", "FD", "AT", "SV", "UV",
                             "OF", "OD", "OL", "OV"})
 #: Coded values: words from a coding scheme, not free text ("TEST" the code is not Mr Test).
 CODE_KEYWORDS = frozenset({"CodeValue", "CodingSchemeDesignator", "CodingSchemeVersion", "LongCodeValue",
                            "URNCodeValue", "ContextIdentifier", "MappingResource", "ContextGroupVersion"})
 MAX_BINARY = 1 << 20  # larger binary values (waveforms, documents already replaced) are not searched
+#: OW values hold samples, LUTs and curves (16-bit words, not text): only small ones are searched.
+MAX_WORDS = 1 << 16
 DUMMIES = frozenset({"ANONYMIZED", "19000101", "19000101000000"})
 #: Needle kinds an option may keep on purpose elsewhere; names and UIDs never are.
 RETAINABLE = frozenset({"text", "date"})
@@ -260,7 +261,7 @@ def _texts(ds: Dataset, prefix: str = "") -> Iterator[tuple[str, str, str]]:
         if value is None or value == "":
             continue
         if isinstance(value, bytes):
-            if len(value) <= MAX_BINARY:
+            if len(value) <= (MAX_WORDS if elem.VR == "OW" else MAX_BINARY):
                 yield path, elem.VR, _printable(value)
             continue
         for text in _strings(value):
