@@ -67,7 +67,8 @@ def _deidentifier(settings: config.Settings) -> Deidentifier:
         raise Fatal(f"telenode: configuration error: {settings.path}: anonymization.key_file: "
                     f"{settings.key_file}: {reason}") from None
     try:
-        return Deidentifier(Pseudonymizer(key, settings.organization), settings.profile_options, settings.overrides)
+        return Deidentifier(Pseudonymizer(key, settings.organization), settings.profile_options, settings.overrides,
+                            unlisted=settings.unlisted)
     except ValueError as exc:
         raise Fatal(f"telenode: configuration error: {settings.path}: anonymization.profile_options: {exc}") from None
 
@@ -78,6 +79,7 @@ def _safeguards(settings: config.Settings) -> Safeguards:
         clean_pixels="clean_pixel_data" in settings.profile_options,
         pixel_rules=settings.pixel_rules,
         guard=Guard() if settings.leak_guard else None,
+        ocr_all_images=settings.ocr_all_images,
     )
 
 

@@ -30,7 +30,8 @@ PROFILE_OPTIONS: tuple[str, ...] = (
     "clean_graphics",
     "clean_pixel_data",  # PS3.15 E.3.1 (113101): blank configured rectangles; not a Table E.1-1 column
 )
-BURNED_IN_POLICIES = ("reject", "quarantine", "pass")
+BURNED_IN_POLICIES = ("reject", "quarantine", "pass", "ocr")
+UNLISTED_POLICIES = ("keep", "remove")
 TLS_VERSIONS = ("1.2", "1.3")
 
 
@@ -149,6 +150,8 @@ class Settings:
     warnings: tuple[str, ...] = ()  # valid but risky settings, logged at start
     return_path: "ReturnPath | None" = None  # [return]: results from the reader, re-identified; None: off
     http: "HTTP | None" = None  # the HTTP gateway ([http]); None: no HTTP server
+    unlisted: str = "keep"  # "remove": attributes neither in Table E.1-1 nor on the safe list go
+    ocr_all_images: bool = False  # burned_in = "ocr": read every image, not only the suspect ones
 
     @property
     def mapping_key(self) -> Path:
@@ -295,6 +298,8 @@ ANON_KEYS: dict[str, tuple[Any, Any, Check | None]] = {
     "leak_guard": (bool, True, None),
     "overrides": (dict, {}, None),
     "pixel_rules": (list, [], None),
+    "unlisted": (str, "keep", _one_of(*UNLISTED_POLICIES)),
+    "ocr_all_images": (bool, False, None),
 }
 PIXEL_RULE_KEYS: dict[str, tuple[Any, Any, Check | None]] = {
     "rectangles": (list, REQUIRED, None),
@@ -484,6 +489,8 @@ def load(path: str | os.PathLike[str]) -> Settings:
         warnings=_warnings(destinations) + _return_warnings(return_path),
         return_path=return_path,
         http=_http(path, raw.get("http"), base),
+        unlisted=anon["unlisted"],
+        ocr_all_images=anon["ocr_all_images"],
     )
 
 

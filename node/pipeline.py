@@ -27,6 +27,7 @@ from node import log, metrics
 from node.commit import GroupCommit
 from node.config import PixelRule
 from node.deid import DeidError, Deidentifier
+from node.deid import ocr
 from node.deid.guard import Guard
 from node.deid.pixels import CLEAN_PIXEL_DATA, blank, burned_in_reason, matching_rule
 from node.deid.record import DeidRecord
@@ -198,6 +199,7 @@ class Safeguards:
     clean_pixels: bool = False  # the Clean Pixel Data option is claimed
     pixel_rules: tuple[PixelRule, ...] = ()
     guard: Guard | None = field(default_factory=Guard)
+    ocr_all_images: bool = False  # burned_in = "ocr": read every image, not only suspect ones
 
 
 class Held(Exception):
@@ -365,6 +367,8 @@ class Pipeline:
                 reason = f"pixel cleaning failed ({type(exc).__name__})"
             else:
                 return [CLEAN_PIXEL_DATA]
+        if self.safeguards.burned_in == "ocr" and (reason is not None or self.safeguards.ocr_all_images):
+            return self._ocr(ds, source, calling_aet)
         if reason is None:
             return []
         policy = self.safeguards.burned_in
@@ -373,6 +377,14 @@ class Pipeline:
         if policy == "quarantine":
             self._hold(source, calling_aet, "burned_in", reason, SUCCESS)
         return []
+
+    def _ocr(self, ds: FileDataset, source: str | os.PathLike[str], calling_aet: str) -> list[dict[str, str]]:
+        """burned_in = "ocr": Tesseract reads the image; the instance's identity found there holds it
+        (or, with clean_pixel_data, its regions are blanked); an image without it goes on."""
+        found = ocr.verdict(ds, self.deidentifier.identity_of(ds), self.safeguards.clean_pixels)
+        if found.hold is not None:
+            self._hold(source, calling_aet, "burned_in", found.hold, SUCCESS)
+        return list(found.codes)
 
     def _hold(self, source: str | os.PathLike[str], calling_aet: str, kind: str, reason: str, status: int,
               **detail: str) -> None:

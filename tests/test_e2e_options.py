@@ -87,13 +87,19 @@ def test_ultrasound_is_quarantined_by_default_and_never_forwarded(tmp_path, make
 
 
 def test_leak_guard_refuses_a_name_in_an_attribute_the_profile_keeps(tmp_path, make_node, make_storescp):
-    """A vendor wrote the patient's name into Convolution Kernel (not in Table E.1-1, so kept): 0xC220, quarantined."""
+    """A vendor wrote the patient's name into Convolution Kernel (not in Table E.1-1, so kept): 0xC220, quarantined.
+
+    The engine now takes the identity out of untabled text itself (issue 10); a keep override on the
+    attribute stands for whatever it could not find, so that the guard behind it has something to catch.
+    """
     study = make_study(tmp_path / "study", instances=2, series=1)
     leaky = pydicom.dcmread(study.files[1])
     leaky.ConvolutionKernel = "SMITHERSON"
     leaky.save_as(study.files[1], enforce_file_format=True)
     remote = make_storescp().start()
-    node = make_node([(remote.ae_title, remote.port)]).start()
+    node = make_node([(remote.ae_title, remote.port)])
+    node.config.write_text(node.config.read_text() + '\n[anonymization.overrides]\nConvolutionKernel = "keep"\n')
+    node.start()
     sent = storescu(node.port, study.files)
     assert "0xc220" in (sent.stdout + sent.stderr).lower() or sent.returncode != 0
     assert wait_for(lambda: len(remote.files()) == 1)

@@ -22,14 +22,14 @@ from typing import Any, Callable
 import pytest
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
-from pydicom.datadict import dictionary_VR
+from pydicom.datadict import dictionary_VR, keyword_for_tag
 from pydicom.dataset import Dataset, FileDataset
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
 from pydicom.uid import CTImageStorage, MRImageStorage
 
 from node.deid import SUPPORTED_OPTIONS, DeidError, Deidentifier, Pseudonymizer
-from node.deid.rules import TABLE_OPTIONS
+from node.deid.rules import IDENTIFIER_SEQUENCE, TABLE_OPTIONS
 from node.deid.pseudonyms import patient_key
 
 REPO = Path(__file__).resolve().parents[1]
@@ -295,7 +295,11 @@ class Case:
         item = items[0]
         original = self.before[0]
         assert ITEM_REMOVE not in item, "item not cleaned: Patient's Address (X) survived"
-        assert item[ITEM_KEEP].value == "KEEPME"
+        if dummy_text and IDENTIFIER_SEQUENCE.search(keyword_for_tag(self.tag) or ""):
+            # items that are identifiers (a person's codes) lose their codes too (issue 10)
+            assert item[ITEM_KEEP].value == "ANONYMIZED", "D: identifier code kept"
+        else:
+            assert item[ITEM_KEEP].value == "KEEPME"
         assert item[ITEM_REF_CLASS].value == CTImageStorage, "SOP Class UID must not be remapped"
         new_ref, old_ref = str(item[ITEM_REF_UID].value), str(original[ITEM_REF_UID].value)
         if remap:

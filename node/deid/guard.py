@@ -5,7 +5,8 @@ private tags, in odd places. Before an instance is spooled, the guard takes
 the identifying values the rule engine removed or replaced (every value it
 did not keep), turns them into needles, and searches every element of the
 de-identified dataset for them: file meta, sequences, private elements,
-text and small binary values alike (pixel data excepted), case-insensitively.
+text and small binary values alike (OB and UN read for their printable runs;
+pixel data and OW values over 64 KiB — waveform samples, LUTs, curves — excepted), case-insensitively.
 
 Which values become needles (the documented rule, so that common values raise
 no false alarm):
@@ -30,36 +31,44 @@ no false alarm):
   names and UIDs are never excused; a value copied into an attribute the
   table does not list is not "kept on purpose".
 
-A needle matches only between characters that are not letters, digits or
-"_" ("ANN" does not match inside "ANNOTATION", "TOSHIBA" not inside
-"TOSHIBA_MEC"). Code strings (CS) and coded values (Code Value, Coding Scheme
-Designator, …) are not searched: they hold a scheme's words, not free text;
-neither are numbers (DS, IS and binary numeric VRs), times and ages.
+Every needle is searched in every spelling that real text uses (node/deid/variants.py:
+Unicode forms, name separators, orders, initials, transliterations and logins, written
+dates in four languages, IDs with prefixes and leading zeros, telephone digits, address
+parts), in one canonical form, between characters that are not letters, digits or "_"
+("ANN" does not match inside "ANNOTATION", "TOSHIBA" not inside "TOSHIBA_MEC"); name
+components of 5 letters or more and CJK names also inside a word ("XSMITH", "山田様").
+Code strings (CS) are searched for whole person names and original UIDs only: single
+words there are a scheme's terms. Coded values (Code Value, Coding Scheme Designator, …),
+numbers (DS, IS and binary numeric VRs), times and ages are not searched.
 A hit names the attribute path, never the value.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 from pydicom.datadict import DicomDictionary
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
 from node.deid.record import DeidRecord
+from node.deid.variants import PERSON_NAME, Identity, Matcher, canonical, variants
 
 TEXT_VRS = frozenset({"AE", "CS", "LO", "SH", "ST", "LT", "UT", "UC", "UR"})
 SKIP_TAGS = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009})  # pixel data is not searched
 #: Code strings, numbers and times: "1234567" the exposure is not patient 1234567.
-UNSEARCHED_VRS = frozenset({"CS", "DS", "IS", "TM", "AS", "US", "SS", "UL", "SL", "FL", "FD", "AT", "SV", "UV",
+UNSEARCHED_VRS = frozenset({"DS", "IS", "TM", "AS", "US", "SS", "UL", "SL", "FL", "FD", "AT", "SV", "UV",
                             "OF", "OD", "OL", "OV"})
 #: Coded values: words from a coding scheme, not free text ("TEST" the code is not Mr Test).
 CODE_KEYWORDS = frozenset({"CodeValue", "CodingSchemeDesignator", "CodingSchemeVersion", "LongCodeValue",
                            "URNCodeValue", "ContextIdentifier", "MappingResource", "ContextGroupVersion"})
 MAX_BINARY = 1 << 20  # larger binary values (waveforms, documents already replaced) are not searched
+#: OW values hold samples, LUTs and curves (16-bit words, not text): only small ones are searched.
+MAX_WORDS = 1 << 16
 DUMMIES = frozenset({"ANONYMIZED", "19000101", "19000101000000"})
 #: Needle kinds an option may keep on purpose elsewhere; names and UIDs never are.
 RETAINABLE = frozenset({"text", "date"})
@@ -145,29 +154,53 @@ def _strings(value: Any) -> list[str]:
 
 
 class Guard:
-    """Searches a de-identified dataset for the needles of its original."""
+    """Searches a de-identified dataset for the needles of its original, in every spelling (variants.py)."""
 
     def check(self, ds: Dataset, record: DeidRecord) -> Leak | None:
         """The first leak found in `ds` (file meta included), or None."""
-        found = needles(record.removed_values)
-        if not found:
+        matcher = identity_matcher(record)
+        uids = sorted((n for n, k in needles(record.removed_values).items() if k == "UID"), key=len, reverse=True)
+        if not matcher and not uids:
             return None
-        kept = {v.upper() for v in record.retained_values}
         meta = getattr(ds, "file_meta", None)
-        live = {n: k for n, k in found.items() if n not in kept or k not in RETAINABLE}
-        if not live:
-            return None
-        everything = sorted(live, key=len, reverse=True)
-        uids = [n for n in everything if live[n] == "UID"]
         for dataset in (meta, ds):
             if dataset is None:
                 continue
             for path, vr, text in _texts(dataset):
-                # UI values hold only digits and dots: searched for original UIDs, not for text
-                hit = find_word(text.upper(), uids if vr == "UI" else everything)
-                if hit is not None:
-                    return Leak(path, live[hit])
+                kind = _search(matcher, uids, vr, text)
+                if kind is not None:
+                    return Leak(path, kind)
         return None
+
+
+def _search(matcher: Matcher, uids: list[str], vr: str, text: str) -> str | None:
+    """The kind of identifying value in one searched value, or None.
+
+    UI values hold only digits and dots: searched for original UIDs only. Code strings hold a
+    scheme's words: searched for whole person names (any spelling) and UIDs, not single words.
+    """
+    if uids and find_word(text.upper(), uids) is not None:
+        return "UID"
+    if vr == "UI":
+        return None
+    return matcher.first(text, (PERSON_NAME,) if vr == "CS" else None)
+
+
+def identity_matcher(record: DeidRecord) -> Matcher:
+    """Every spelling of the record's identifying originals, except text and dates kept on purpose."""
+    excused = frozenset(excuse_key(v) for v in record.retained_values)
+    values = tuple((tag, vr, text) for tag, vr, value in record.identity if vr != "UI"
+                   for text in needle_strings(value) if text.upper() not in DUMMIES
+                   and (vr == "PN" or excuse_key(text, vr) not in excused))
+    return variants(Identity(values), vocabulary())
+
+
+def excuse_key(text: str, vr: str = "") -> str:
+    """How a kept value and a removed one are compared: dates by their YYYYMMDD head, text canonically."""
+    text = text.strip()
+    if (vr in ("DA", "DT") or not vr) and re.fullmatch(r"\d{8}(\d{0,6}(\.\d{1,6})?)?([+-]\d{4})?", text):
+        return text[:8]
+    return canonical(text)[0].strip()
 
 
 def find_word(text: str, words: list[str]) -> str | None:
@@ -184,6 +217,22 @@ def find_word(text: str, words: list[str]) -> str | None:
                 return word
             start = text.find(word, start + 1)
     return None
+
+
+#: Runs of 3 or more printable Latin-1 characters: where text can hide in a binary value.
+PRINTABLE_RUN = re.compile(rb"[\x20-\x7e\xa0-\xff]{3,}")
+
+
+def _printable(value: bytes) -> str:
+    """The text a binary value could carry (its printable runs, one a line), read as Latin-1 and,
+    when it decodes, as UTF-8; waveform samples and other numbers mostly fall away (and cost nothing)."""
+    runs = b"\n".join(PRINTABLE_RUN.findall(value))
+    text = runs.decode("latin-1")
+    try:
+        utf8 = value.decode("utf-8")
+    except UnicodeDecodeError:
+        return text
+    return text if utf8.isascii() else text + "\n" + utf8
 
 
 def _word_char(char: str) -> bool:
@@ -212,8 +261,8 @@ def _texts(ds: Dataset, prefix: str = "") -> Iterator[tuple[str, str, str]]:
         if value is None or value == "":
             continue
         if isinstance(value, bytes):
-            if len(value) <= MAX_BINARY:
-                yield path, elem.VR, value.decode("latin-1")
+            if len(value) <= (MAX_WORDS if elem.VR == "OW" else MAX_BINARY):
+                yield path, elem.VR, _printable(value)
             continue
         for text in _strings(value):
             yield path, elem.VR, text

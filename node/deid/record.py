@@ -40,6 +40,8 @@ class DeidRecord:
     method_codes: tuple[str, ...] = ()
     # (VR, original value) of identifying values the profile removed or replaced: the leak guard's needles
     removed_values: list[tuple[str, object]] = field(default_factory=list)
+    # the same with their tags, (tag, VR, original value): the source of the spelling variants (variants.py)
+    identity: list[tuple[int, str, object]] = field(default_factory=list)
     # text and dates kept on purpose (K by an option or the table, or a keep/set override): not leaks
     retained_values: set[str] = field(default_factory=set)
     # per-tag overrides applied after the profile, as "Keyword=action" (no values)

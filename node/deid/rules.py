@@ -24,6 +24,7 @@ Overlay data removed (X) takes its whole overlay group with it.
 
 from __future__ import annotations
 
+import copy
 import datetime
 import json
 import re
@@ -40,11 +41,17 @@ from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID_dictionary
 
 from node import __version__
-from node.deid.guard import needle_strings, needles
+from node.deid.guard import identity_matcher, needle_strings, needles
+from node.deid.variants import PERSON_NAME, Identity
 from node.deid.pseudonyms import Pseudonymizer, patient_key
 from node.deid.record import DeidRecord
 
 TABLE: dict[str, Any] = json.loads(resources.files("node.deid").joinpath("ps315.json").read_text())
+#: Known-safe technical attributes (scripts/gen_safe_attributes.py): all that `unlisted = "remove"` keeps.
+SAFE_ATTRIBUTES: frozenset[str] = frozenset(
+    entry["tag"].upper() for entry in
+    json.loads(resources.files("node.deid").joinpath("safe_attributes.json").read_text())["attributes"])
+UNLISTED_POLICIES = ("keep", "remove")
 
 #: Table E.1-1 option columns, plus Clean Pixel Data (E.3.1), which acts on pixels (node/deid/pixels.py).
 TABLE_OPTIONS: tuple[str, ...] = tuple(TABLE["options"])
@@ -74,6 +81,8 @@ TEXT_VRS = frozenset({"AE", "CS", "LO", "LT", "SH", "ST", "UC", "UT", "UR"})
 FREE_TEXT_VRS = frozenset({"LT", "ST", "UT", "UC", "PN"})
 #: VRs of values kept on purpose that the leak guard then excuses elsewhere.
 RETAINED_VRS = frozenset({"DA", "DT"}) | TEXT_VRS
+#: VRs C knows how to clean; other values keep their dictionary VR's meaning (numbers, binary data).
+CLEANABLE_VRS = frozenset({"PN", "DA", "DT", "UI", "SQ", "TM", "AS"}) | TEXT_VRS
 #: VRs whose removed originals the leak guard searches for (see guard.py).
 NEEDLE_VRS = frozenset({"PN", "DA", "DT", "UI"}) | TEXT_VRS
 
@@ -85,12 +94,25 @@ DEFINITION_UID = re.compile(r"SOPClass|TransferSyntax|ImplementationClass|Coding
 #: Equipment attributes the table keeps: their values are expected in the output.
 VENDOR_TAGS = frozenset({0x00080070, 0x00081090, 0x00181020, 0x00181016, 0x00181018, 0x00181019})
 
+CONTEXT_GROUP_UID = re.compile(r"1\.2\.840\.10008\.6\.1\.\d{1,5}")
+
+#: Sequences whose items *are* identifiers (a person's or an institution's codes): a D on them
+#: dummies every value of their items, codes included, not just their free text.
+IDENTIFIER_SEQUENCE = re.compile(r"Identification|InstitutionCode|HumanPerformer|IssuerOf|OtherPatientIDs")
+#: Overlay Description (60xx,0022), Overlay Label (60xx,1500), Curve Description and Label (50xx,0022 and
+#: 50xx,2500): free text about the graphics, cleaned (C) whatever the options (the table does not list them).
+GRAPHICS_TEXT = frozenset({(0x6000, 0x0022), (0x6000, 0x1500), (0x5000, 0x0022), (0x5000, 0x2500)})
+#: File meta elements kept (the rest, e.g. RTV Communication SOP Instance UID, go): PS3.10 7.1 required ones.
+META_KEEP = frozenset({0x00020000, 0x00020001, 0x00020002, 0x00020003, 0x00020010, 0x00020012, 0x00020013})
+#: A dotted number long enough to be a UID, inside any text (Referenced File ID, comments, CS).
+UID_IN_TEXT = re.compile(r"(?<![\d.])[0-2](?:\.\d+){3,}(?![\d.])")
+
+SCHEME_TAGS = frozenset({0x00080102, 0x00080103})  # Coding Scheme Designator and Version
+
 PATIENT_ID = 0x00100020
 PATIENT_NAME = 0x00100010
 ACCESSION_NUMBER = 0x00080050
 
-#: File meta elements that name the sending system or carry private data.
-META_REMOVE = (0x00020016, 0x00020017, 0x00020018, 0x00020026, 0x00020027, 0x00020028, 0x00020100, 0x00020102)
 
 
 class DeidError(Exception):
@@ -98,8 +120,12 @@ class DeidError(Exception):
 
 
 def is_well_known_uid(value: str) -> bool:
-    """SOP classes, transfer syntaxes, coding schemes and other UIDs the standard itself defines."""
-    return value in UID_dictionary or value.startswith("1.2.840.10008.")
+    """SOP classes, transfer syntaxes, coding schemes and other UIDs the standard itself defines.
+
+    Only a UID the standard defines (pydicom's UID dictionary, and the context group UIDs of
+    PS3.6 Table A-3) is well-known: an instance UID a device minted under 1.2.840.10008 is remapped.
+    """
+    return value in UID_dictionary or bool(CONTEXT_GROUP_UID.fullmatch(value))
 
 
 def resolve(rule: dict[str, Any], options: frozenset[str]) -> str:
@@ -120,6 +146,43 @@ class _Context:
     shift_days: int | None
     identifiers: list[str] = field(default_factory=list)
     to_clean: list[DataElement] = field(default_factory=list)
+    kept_text: list[DataElement] = field(default_factory=list)
+    remap: Any = None  # original UID → pseudonym (Deidentifier._uid bound to this context)
+
+    def remap_quoted_uids(self, text: str) -> str:
+        """Original UIDs quoted in text (Referenced File ID, comments) get their pseudonyms."""
+        def replace(match: re.Match[str]) -> str:
+            uid = match.group()
+            known = uid in self.record.uid_map
+            return self.remap(uid) if known or (len(uid) >= 16 and not is_well_known_uid(uid)) else uid
+
+        return text if self.keep_uids else UID_IN_TEXT.sub(replace, text)
+
+    def tidy_kept_text(self) -> None:
+        """Text the table does not list is kept, but not the identity in it: quoted original UIDs
+        get their pseudonyms, and every spelling of the instance's identifying values
+        (variants.py) is removed; in code strings, whole names only."""
+        if not self.kept_text:
+            return
+        matcher = identity_matcher(self.record)
+        for elem in self.kept_text:
+            kinds = (PERSON_NAME,) if elem.VR == "CS" else None
+
+            def tidy(text: str) -> str:
+                return matcher.remove(self.remap_quoted_uids(text), kinds)
+
+            if isinstance(elem.value, bytes):  # UN: searched by the guard as Latin-1, so tidied as such
+                text = elem.value.decode("latin-1")
+                tidied = tidy(text)
+                if tidied != text:
+                    data = tidied.encode("latin-1", "replace")
+                    elem.value = data + b" " * (len(data) % 2)
+            elif isinstance(elem.value, (MultiValue, list)):
+                values = [tidy(str(v)) for v in elem.value]
+                if values != [str(v) for v in elem.value]:  # untouched values keep their exact form
+                    elem.value = values
+            elif (tidied := tidy(str(elem.value))) != str(elem.value):
+                elem.value = tidied
 
     def clean_text(self) -> None:
         """C on text: remove the patient's identifiers and every identifying value the walk
@@ -128,21 +191,28 @@ class _Context:
             return
         found = needles(self.record.removed_values)
         words = {w.upper() for w in self.identifiers if len(w) >= 2} | {n for n, k in found.items() if k != "UID"}
-        if not words:
-            return
-        pattern = _words_pattern(frozenset(words))
+        pattern = _words_pattern(frozenset(words)) if words else None
+        matcher = identity_matcher(self.record)  # every spelling of them (variants.py), as the guard searches
+
+        def clean(text: str) -> str:
+            text = pattern.sub("", text).strip() if pattern is not None else text
+            return matcher.remove(self.remap_quoted_uids(text))
+
         for elem in self.to_clean:
             if isinstance(elem.value, (MultiValue, list)):
-                elem.value = [pattern.sub("", str(v)).strip() for v in elem.value]
+                elem.value = [clean(str(v)) for v in elem.value]
             else:
-                elem.value = pattern.sub("", str(elem.value)).strip()
+                elem.value = clean(str(elem.value))
 
 
 class Deidentifier:
     """Applies the Basic Profile with the claimed options; one per process, thread-safe."""
 
     def __init__(self, pseudonyms: Pseudonymizer, options: Iterable[str] = (),
-                 overrides: Iterable[tuple[int, str, Any]] = ()) -> None:
+                 overrides: Iterable[tuple[int, str, Any]] = (), unlisted: str = "keep") -> None:
+        if unlisted not in UNLISTED_POLICIES:
+            raise ValueError(f"unlisted must be one of {', '.join(UNLISTED_POLICIES)}")
+        self.remove_unlisted = unlisted == "remove"
         self.options = frozenset(options)
         unknown = self.options - set(SUPPORTED_OPTIONS)
         if unknown:
@@ -184,8 +254,12 @@ class Deidentifier:
             shift_days=self.pseudonyms.date_offset_days(key) if "retain_long_modified_dates" in self.options else None,
             identifiers=_identifiers(ds),
         )
-        kept_by_override = {tag: ds[tag] for tag, action, _ in self.overrides if action == "keep" and tag in ds}
+        ctx.remap = lambda uid: self._uid(uid, ctx)
+        # copies: the walk changes elements in place, and "keep" means the value as it came
+        kept_by_override = {tag: copy.deepcopy(ds[tag]) for tag, action, _ in self.overrides
+                            if action == "keep" and tag in ds}
         self._walk(ds, ctx)
+        ctx.tidy_kept_text()
         ctx.clean_text()
         # Type 2 in every composite IOD: present even if the sender left them out.
         ds.PatientID = record.pseudo_patient_id
@@ -200,11 +274,25 @@ class Deidentifier:
         record.method_codes = tuple(code["code"] for code in applied)
         return record
 
+    def identity_of(self, ds: Dataset) -> Identity:
+        """The identifying values of an original instance, top level, before any walk: what OCR
+        looks for in its pixels (the same rows the leak guard takes its needles from)."""
+        values = []
+        for tag in ds.keys():
+            action = self._action(tag)
+            if action in (None, "K") or tag >> 16 & 1 or tag in self.descriptors:
+                continue
+            vr = _vr(ds, tag)
+            if vr in ("PN", "DA", "DT") or vr in TEXT_VRS:
+                values.extend((int(tag), vr, text) for text in needle_strings(ds[tag].value) if text)
+        return Identity(tuple(values))
+
     # -- the walk -------------------------------------------------------------------------------
 
     def _walk(self, ds: Dataset, ctx: _Context, mode: str = "") -> None:
         """Apply the table to every element of `ds`; `mode` is "dummy" inside a D sequence, "clean" inside C."""
         self._private(ds)
+        self._walk_private(ds, ctx, mode)
         for tag in list(ds.keys()):
             if tag & 0xFFFF == 0 or tag >> 16 & 1:  # group lengths go (recomputed); private done above
                 if tag & 0xFFFF == 0:
@@ -226,6 +314,8 @@ class Deidentifier:
         for group_mask, group_value, element_mask, element_value, mask_action in self.masks:
             if group & group_mask == group_value and element & element_mask == element_value:
                 return mask_action
+        if (group & 0xFF00, element) in GRAPHICS_TEXT and group & 1 == 0:
+            return "C"
         return None
 
     def _private(self, ds: Dataset) -> None:
@@ -243,6 +333,17 @@ class Deidentifier:
             if tag not in keep:
                 del ds[tag]
 
+    def _walk_private(self, ds: Dataset, ctx: _Context, mode: str) -> None:
+        """Retained private elements: a sequence's items get the table's rules like any other,
+        text (and UN, as Latin-1) loses the instance's identity like untabled text."""
+        for tag in [t for t in ds.keys() if t >> 16 & 1 and t & 0xFF00]:
+            elem = ds[tag]
+            if elem.VR == "SQ":
+                for item in elem.value or []:
+                    self._walk(item, ctx, mode)
+            elif elem.VR in TEXT_VRS | {"PN", "UN"} and elem.value not in (None, "", b""):
+                ctx.kept_text.append(elem)
+
     def _is_safe(self, ds: Dataset, group: int, element: int) -> bool:
         """Table E.3.10-1 match by private creator, group and element low byte, never by block."""
         creator = ds.get((group << 16) | (element >> 8))
@@ -252,12 +353,19 @@ class Deidentifier:
     def _untabled(self, ds: Dataset, tag: int, ctx: _Context, mode: str) -> None:
         """Not in Table E.1-1: kept, but instance UIDs are remapped, sequences walked, and free text
         inside a D (dummy) or C (clean) sequence replaced or cleaned like the sequence itself."""
+        if self.remove_unlisted and not _is_safe_attribute(tag):
+            del ds[tag]  # strict allow-list: neither in the table nor known to be a safe technical attribute
+            return
         vr = _vr(ds, tag)
         if vr == "SQ":
             for item in ds[tag].value:
                 self._walk(item, ctx, mode)
         elif vr == "UI" and not ctx.keep_uids and not DEFINITION_UID.search(keyword_for_tag(tag) or ""):
             self._remap(ds[tag], ctx)
+        elif mode == "identifier" and vr in TEXT_VRS | {"PN"} and ds[tag].value not in (None, ""):
+            if tag not in SCHEME_TAGS:  # "DCM", "99LOCAL": a scheme's name, not the person's
+                self._note(ctx, tag, vr, ds[tag].value)
+            ds[tag].value = DUMMY[vr]
         elif tag in VENDOR_TAGS:
             # Kept by the table; test and phantom data often name the vendor as the institution
             # ("SIEMENS"): the same word removed from InstitutionName is then no leak here.
@@ -268,6 +376,8 @@ class Deidentifier:
                 ds[tag].value = DUMMY[vr]
             else:
                 self._clean(ds[tag], vr, ctx)
+        elif vr in TEXT_VRS | {"PN"} and ds[tag].value not in (None, ""):
+            ctx.kept_text.append(ds[tag])  # searched once every identifying value and UID is known
 
     def _act(self, ds: Dataset, tag: int, action: str, ctx: _Context, mode: str) -> None:
         vr = _vr(ds, tag)
@@ -288,8 +398,9 @@ class Deidentifier:
             ds[tag].value = [] if vr == "SQ" else None
         elif action == "D":
             if vr == "SQ":
+                mode = "identifier" if IDENTIFIER_SEQUENCE.search(keyword_for_tag(tag) or "") else "dummy"
                 for item in ds[tag].value:
-                    self._walk(item, ctx, "dummy")
+                    self._walk(item, ctx, mode)
             else:
                 self._dummy(ds[tag], vr, ctx)
         elif action == "U":
@@ -300,6 +411,8 @@ class Deidentifier:
                     self._walk(item, ctx, "clean")
             elif tag >> 16 & 0xFF00 == 0x6000 and tag & 0xFFFF == 0x3000:
                 self._clean_overlay(ds, tag)
+            elif vr not in CLEANABLE_VRS and vr != _dictionary_vr(tag):
+                del ds[tag]  # C on a value that is not text (UN, a wrong VR): nothing to clean it by
             else:
                 self._clean(ds[tag], vr, ctx)
         else:
@@ -309,6 +422,7 @@ class Deidentifier:
         """Remember an identifying original for the leak guard (descriptors are not identifying)."""
         if vr in ("PN", "DA", "DT", "UI") or tag not in self.descriptors:
             ctx.record.removed_values.append((vr, value))
+            ctx.record.identity.append((tag, vr, value))
 
     # -- actions --------------------------------------------------------------------------------
 
@@ -432,9 +546,8 @@ class Deidentifier:
 
     def _file_meta(self, ds: FileDataset) -> None:
         meta = ds.file_meta
-        for tag in META_REMOVE:
-            if tag in meta:
-                del meta[tag]
+        for tag in [t for t in meta.keys() if t not in META_KEEP]:
+            del meta[tag]  # the sending system's names, private data, RTV UIDs: nothing beyond PS3.10's
         meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
         meta.MediaStorageSOPClassUID = ds.SOPClassUID
         meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
@@ -462,6 +575,13 @@ class Deidentifier:
         if not record.study_instance_uid or not record.series_instance_uid or not record.sop_instance_uid:
             raise DeidError("no Study, Series or SOP Instance UID")
         return record
+
+
+def _is_safe_attribute(tag: int) -> bool:
+    """On the generated allow-list; overlay groups (60xx) by their repeating form."""
+    if tag >> 24 == 0x60 and not tag >> 16 & 1:
+        return f"60XX{tag & 0xFFFF:04X}" in SAFE_ATTRIBUTES
+    return f"{tag:08X}" in SAFE_ATTRIBUTES
 
 
 def _vr(ds: Dataset, tag: int) -> str:
