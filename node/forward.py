@@ -26,27 +26,23 @@ after every destination has it (or gave up on it).
 
 from __future__ import annotations
 
-import queue
 import random
-import socket
 import ssl
 import threading
 import time
+import weakref
 from pathlib import Path
 from typing import Any
 
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, UID
-from pynetdicom import AE, _config, evt
+from pynetdicom import AE, evt
 
-from node import log, tls
+from node import log, net, tls
 from node.config import Destination
 from node.spool import Quarantine, Spool
 from node.store import Store
-
-# Send from the spooled file in PDU-sized chunks instead of decoding it into memory.
-_config.STORE_SEND_CHUNKED_DATASET = True
 
 #: Seconds an idle association stays open: instances that trickle in as a modality sends
 #: them share one association instead of paying for an association each.
@@ -61,41 +57,41 @@ MAX_CONTEXTS = 128  # PS3.8: presentation context IDs are odd numbers 1..255
 STORED = {0x0000, 0x0001, 0xB000, 0xB006, 0xB007}
 
 
-def _nodelay(event: Any) -> None:
-    sock = getattr(event.assoc.dul.socket, "socket", None)
-    if sock is not None:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+class Health:
+    """Whether one destination is reachable, shared by its forwarder threads, so that an outage is
+    one warning when it starts and one info when it ends, not a line per attempt."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._down_since: float | None = None
+        self.attempts = 0  # failed attempts in the current outage
+
+    def failed(self) -> bool:
+        """An attempt failed; True for the first failure of an outage."""
+        with self._lock:
+            self.attempts += 1
+            if self._down_since is not None:
+                return False
+            self._down_since = time.monotonic()
+            return True
+
+    def recovered(self) -> float | None:
+        """An association came up; the outage's length in seconds if this ends one, else None."""
+        with self._lock:
+            if self._down_since is None:
+                return None
+            down_for, self._down_since, self.attempts = time.monotonic() - self._down_since, None, 0
+            return down_for
 
 
-#: P-DATA PDUs allowed to wait for the socket; pynetdicom's queue is unbounded, so a fast
-#: disk filled memory with a whole large instance ahead of a slower network.
-MAX_QUEUED_PDUS = 16
+#: Health per destination name, per store: the forwarders of one node share one Store object.
+_HEALTH: "weakref.WeakKeyDictionary[Store, dict[str, Health]]" = weakref.WeakKeyDictionary()
+_HEALTH_LOCK = threading.Lock()
 
 
-class _SendQueue(queue.Queue):  # type: ignore[type-arg]
-    """pynetdicom's DUL send queue with back-pressure: put() waits while it is full and the link lives.
-
-    Unbounded underneath (put never blocks inside the queue), so the DUL thread can never
-    deadlock on it; a link that stops draining releases the wait after the network timeout.
-    """
-
-    def __init__(self, assoc: Any, timeout: float) -> None:
-        super().__init__()
-        self.assoc = assoc
-        self.timeout = timeout
-
-    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
-        deadline = time.monotonic() + self.timeout
-        while self.qsize() >= MAX_QUEUED_PDUS and self.assoc.is_established and time.monotonic() < deadline:
-            time.sleep(0.0005)
-        super().put(item, block, timeout)
-
-
-def _bound_send_queue(assoc: Any, timeout: float) -> None:
-    """Swap in the bounded queue once the association is up (the old one is empty by then)."""
-    dul = assoc.dul
-    if dul.to_provider_queue.empty():
-        dul.to_provider_queue = _SendQueue(assoc, timeout)
+def _health(store: Store, name: str) -> Health:
+    with _HEALTH_LOCK:
+        return _HEALTH.setdefault(store, {}).setdefault(name, Health())
 
 
 class Forwarder:
@@ -113,6 +109,7 @@ class Forwarder:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"forward-{destination.name}-{worker}", daemon=True)
         self._backoff = 0  # consecutive transient failures
+        self._health = _health(store, destination.name)
         self._assoc: Any = None  # kept open while instances keep coming (see LINGER)
         self._proposed: set[tuple[str, str]] = set()
         self._tls: ssl.SSLContext | None = None
@@ -124,6 +121,7 @@ class Forwarder:
                 self._tls_error = f"{tls.describe(exc)} (loading the destination's TLS files)"
 
     def start(self) -> None:
+        net.configure()  # chunked sending from the spool (idempotent; serve calls it first)
         self._thread.start()
 
     def wake(self) -> None:
@@ -231,12 +229,19 @@ class Forwarder:
         for sop_class, syntax in contexts:
             ae.add_requested_context(sop_class, syntax)
         tls_args = (self._tls, tls.server_hostname(d.tls, d.host)) if self._tls is not None and d.tls else None
-        assoc = ae.associate(d.host, d.port, ae_title=d.ae_title, evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay)],
+        assoc = ae.associate(d.host, d.port, ae_title=d.ae_title, evt_handlers=[(evt.EVT_CONN_OPEN, net.set_nodelay)],
                              tls_args=tls_args)
         if assoc.is_established:
+            self._came_back()
             self._assoc, self._proposed = assoc, set(contexts)
-            _bound_send_queue(assoc, d.network_timeout)
+            net.bound_send_queue(assoc, d.network_timeout)
+            net.guard_reactor(assoc)
         return assoc
+
+    def _came_back(self) -> None:
+        down_for = self._health.recovered()
+        if down_for is not None:
+            self.log.info("destination_up", down_for_s=round(down_for, 1))
 
     def _reusable(self, contexts: list[tuple[str, str]]) -> bool:
         return self._assoc is not None and self._assoc.is_established and set(contexts) <= self._proposed
@@ -298,19 +303,22 @@ class Forwarder:
     def _not_established(self, assoc: Any) -> str:
         """Why the association did not come up; a TLS failure names the certificate problem."""
         if assoc.is_rejected:
-            return "association rejected"
-        failure = getattr(self._tls, "last_failure", None)
-        if failure:
-            self.log.warning("tls_failed", host=self.destination.host, port=self.destination.port, reason=failure)
-            return failure
-        return "remote unreachable or aborted"
+            return net.rejection(assoc)
+        return getattr(self._tls, "last_failure", None) or "remote unreachable or aborted"
 
     def _postpone(self, rows: list[dict[str, Any]], reason: str) -> float:
         """A transient, destination-wide problem: back to the queue, wait with backoff, count nothing."""
         wait = self._delay()
         self.store.release([r["id"] for r in rows], wait)
         self.store.note_error(self.destination.name, reason)
-        self.log.warning("destination_unavailable", reason=reason, pending=len(rows), retry_in_s=round(wait, 1))
+        if self._health.failed():  # the one warning of this outage ("tls_failed" when TLS is the reason)
+            d = self.destination
+            event = "tls_failed" if reason.startswith("TLS") else "destination_down"
+            self.log.warning(event, reason=reason, host=d.host, port=d.port, pending=len(rows),
+                             retry_in_s=round(wait, 1))
+        else:
+            self.log.debug("destination_unavailable", reason=reason, pending=len(rows), retry_in_s=round(wait, 1),
+                           attempts=self._health.attempts)
         return wait
 
     def _preempted(self, index: int, row: dict[str, Any]) -> bool:
@@ -344,13 +352,13 @@ class Forwarder:
                 self.log.info("transcoded", sop_instance_uid=uid, from_syntax=row["transfer_syntax"], to_syntax=syntax)
                 status = assoc.send_c_store(dataset, priority=priority)
         except (OSError, RuntimeError) as exc:
-            self.log.warning("send_interrupted", sop_instance_uid=uid, error=type(exc).__name__)
+            self.log.info("send_interrupted", sop_instance_uid=uid, error=type(exc).__name__)
             return "transient"
         except Exception as exc:  # the spooled file is unreadable, or cannot be decompressed
             self._fail(row, f"cannot read or decompress the spooled instance ({type(exc).__name__})")
             return "refused"
         if not isinstance(status, Dataset) or "Status" not in status:
-            self.log.warning("send_interrupted", sop_instance_uid=uid, error="no response (timeout or abort)")
+            self.log.info("send_interrupted", sop_instance_uid=uid, error="no response (timeout or abort)")
             return "transient"
         code = int(status.Status)
         if code in STORED:

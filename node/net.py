@@ -1,0 +1,229 @@
+"""The one module that adapts pynetdicom (and the stdlib internals it relies on for networking).
+
+Everything telenode does to pynetdicom beyond its public API lives here, so that
+an upgrade has one file to read and tests/test_net.py to fail when pynetdicom
+changes underneath:
+
+- `configure()` (called at start by the supervisor and by each SCP worker through
+  `scp.start`; `Forwarder.start` calls it too, idempotent): pynetdicom's process-wide
+  switches (chunked receive/send, unrestricted storage), our transfer syntax
+  choice in its unrestricted negotiation, and its loggers at debug level.
+- per association: its TCP socket, the called AE title of a request, the reason
+  of an A-ASSOCIATE-RJ, a bounded send queue, and the guard against the
+  reactor stealing a response (the stall of issue 11, see `guard_reactor`).
+- the listening server (SO_REUSEPORT, a larger backlog) and `serve`, which does
+  what `AE.start_server` does but with our server class.
+- `use_incoming_dir`: where pynetdicom writes the data sets it receives
+  (tempfile's module-level default, which it uses without a directory).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import socket
+import ssl
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import structlog
+from pynetdicom import AE, _config, acse
+from pynetdicom.transport import ThreadedAssociationServer
+from pynetdicom.utils import make_target
+
+#: Presentation context result: transfer syntaxes not supported (PS3.8 9.3.3.2).
+TRANSFER_SYNTAXES_NOT_SUPPORTED = 0x04
+
+#: P-DATA PDUs allowed to wait for the socket; pynetdicom's queue is unbounded, so a fast
+#: disk filled memory with a whole large instance ahead of a slower network.
+MAX_QUEUED_PDUS = 16
+
+_negotiate_unrestricted = acse.negotiate_unrestricted  # pynetdicom's own, before configure() replaces it
+_storage_syntaxes: tuple[str, ...] = ()  # what the SCP accepts; empty: pynetdicom's own choice
+
+
+def configure(storage_syntaxes: Sequence[str] = ()) -> None:
+    """Switch pynetdicom to how telenode uses it; idempotent. The storage SCP passes the transfer
+    syntaxes it accepts, in order of preference; the sending side (forwarders) passes none."""
+    global _storage_syntaxes
+    quiet_library_log()  # every time: log.configure() (re)installs its own bridge
+    # Sent files are streamed from disk in PDU-sized chunks instead of decoded into memory.
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    acse.negotiate_unrestricted = negotiate  # pynetdicom's acse module calls it by this name
+    if storage_syntaxes:
+        _storage_syntaxes = tuple(str(ts) for ts in storage_syntaxes)
+        # Received data sets go straight to a temporary file instead of memory (large instances),
+        # and storage classes pynetdicom does not know (private, newer) are accepted too.
+        _config.STORE_RECV_CHUNKED_DATASET = True
+        _config.UNRESTRICTED_STORAGE_SERVICE = True
+
+
+class _DebugBridge(logging.Handler):
+    """pynetdicom's lines as structlog debug lines ("library_message"); its info lines carry no
+    dataset values (its debug lines can carry UIDs, so they are not collected)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        structlog.get_logger(record.name).debug("library_message", level=record.levelname.lower(),
+                                                message=record.getMessage())
+
+
+def quiet_library_log() -> None:
+    """pynetdicom logs every failed attempt at error ("Association Rejected", "Connection refused"):
+    telenode reports destination state itself (one warning down, one info up), so the library's
+    own lines go to debug."""
+    library = logging.getLogger("pynetdicom")
+    library.handlers = [_DebugBridge(level=logging.INFO)]
+    library.setLevel(logging.INFO)
+    library.propagate = False
+
+
+def negotiate(rq_contexts: Any, ac_contexts: Any, roles: Any = None) -> Any:
+    """Unrestricted storage negotiation that accepts a transfer syntax the node can store.
+
+    pynetdicom's unrestricted service accepts the *first* proposed transfer
+    syntax of every storage context, even one the node would then have to
+    refuse instance by instance (JPEG XL, say), leaving the modality no
+    fallback. Here each context gets the first proposed syntax in the
+    configured storage syntaxes, or is rejected (0x04) so the sender can try another.
+    """
+    result, reply_roles = _negotiate_unrestricted(rq_contexts, ac_contexts, roles)
+    if not _storage_syntaxes:
+        return result, reply_roles
+    proposed = {cx.context_id: list(cx.transfer_syntax) for cx in rq_contexts}
+    for cx in result:
+        if cx.result != 0x00:
+            continue
+        ours = [ts for ts in proposed.get(cx.context_id, []) if ts in _storage_syntaxes]
+        if ours:
+            cx.transfer_syntax = [ours[0]]
+        else:
+            cx.result = TRANSFER_SYNTAXES_NOT_SUPPORTED
+    return result, reply_roles
+
+
+# -- one association --------------------------------------------------------------------------------
+
+
+def socket_of(assoc: Any) -> socket.socket | None:
+    """The association's TCP (or TLS) socket, or None before it connected / after it closed."""
+    return getattr(getattr(assoc.dul, "socket", None), "socket", None)
+
+
+def is_tls(assoc: Any) -> bool:
+    return isinstance(socket_of(assoc), ssl.SSLSocket)
+
+
+def set_nodelay(event: Any) -> None:
+    """EVT_CONN_OPEN handler: Nagle + delayed ACK adds ~40 ms to every C-STORE round trip, and
+    pynetdicom never disables it."""
+    sock = socket_of(event.assoc)
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def called_ae_title(assoc: Any) -> str:
+    """The Called AE Title of the peer's A-ASSOCIATE-RQ (acceptor side)."""
+    primitive = assoc.requestor.primitive
+    return str(getattr(primitive, "called_ae_title", "") or "").strip()
+
+
+def rejection(assoc: Any) -> str:
+    """Why the remote rejected our A-ASSOCIATE-RQ, from its A-ASSOCIATE-RJ (result, source, reason;
+    PS3.8 9.3.4): "association rejected: called AE title not recognised (permanent, service user)"."""
+    rsp = getattr(assoc.acceptor, "primitive", None)
+    if rsp is None or getattr(rsp, "result", None) not in (0x01, 0x02):
+        return "association rejected"
+    sources = {1: "service user", 2: "service provider (ACSE)", 3: "service provider (presentation)"}
+    try:
+        reason = str(rsp.reason_str)
+    except (KeyError, TypeError, ValueError):  # an invalid source/diagnostic pair
+        reason = f"reason {rsp.diagnostic}"
+    kind = "permanent" if rsp.result == 0x01 else "transient"
+    return f"association rejected: {reason} ({kind}, {sources.get(rsp.result_source, 'remote')})"
+
+
+class _SendQueue(queue.Queue):  # type: ignore[type-arg]
+    """pynetdicom's DUL send queue with back-pressure: put() waits while it is full and the link lives.
+
+    Unbounded underneath (put never blocks inside the queue), so the DUL thread can never
+    deadlock on it; a link that stops draining releases the wait after the network timeout.
+    """
+
+    def __init__(self, assoc: Any, timeout: float) -> None:
+        super().__init__()
+        self.assoc = assoc
+        self.timeout = timeout
+
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        deadline = time.monotonic() + self.timeout
+        while self.qsize() >= MAX_QUEUED_PDUS and self.assoc.is_established and time.monotonic() < deadline:
+            time.sleep(0.0005)
+        super().put(item, block, timeout)
+
+
+def bound_send_queue(assoc: Any, timeout: float) -> None:
+    """Swap in the bounded queue once the association is up (the old one is empty by then)."""
+    dul = assoc.dul
+    if dul.to_provider_queue.empty():
+        dul.to_provider_queue = _SendQueue(assoc, timeout)
+
+
+def guard_reactor(assoc: Any) -> None:
+    """Requestor side: a response the association's reactor thread takes goes back to the queue.
+
+    pynetdicom pauses its reactor before send_c_store() with a flag handshake that has a
+    window: the reactor sets `_is_paused`, passes its still-open checkpoint, and is
+    descheduled; the sender sees the flag, sends, and the remote's C-STORE-RSP arrives;
+    the reactor then takes it ("Received unexpected C-STORE service message") and drops it,
+    and send_c_store() waits out its DIMSE timeout for a response that already came, so the
+    instance the remote stored is resent (issue 11's 61 s stall and duplicate). The reactor
+    of an SCU serves no requests of ours, so a response it dequeues is handed back to the
+    queue, where the blocked send_c_store() receives it.
+    """
+    serve_request = assoc._serve_request
+
+    def _serve_or_return(msg: Any, context_id: int) -> None:
+        if msg is not None and not msg.is_valid_request:
+            assoc.dimse.msg_queue.put((context_id, msg))
+            time.sleep(0.001)  # let the waiting sender take it before the reactor looks again
+            return
+        serve_request(msg, context_id)
+
+    assoc._serve_request = _serve_or_return
+
+
+# -- the listening side -----------------------------------------------------------------------------
+
+
+class Server(ThreadedAssociationServer):
+    """pynetdicom's threaded server, its socket bound with SO_REUSEPORT: worker processes share the port."""
+
+    # socketserver's default backlog of 5 drops SYNs when a PACS opens a burst of associations
+    # (clients then wait out a retransmission timeout, 1 s and more).
+    request_queue_size = 128
+
+    def server_bind(self) -> None:
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
+
+def serve(ae: AE, address: tuple[str, int], handlers: list, server_class: type, **attributes: Any) -> Any:
+    """ae.start_server(block=False), but with our server class (start_server takes none)."""
+    server = ae.make_server(address, evt_handlers=handlers, server_class=server_class)
+    for name, value in attributes.items():  # before the first connection can arrive
+        setattr(server, name, value)
+    thread = threading.Thread(target=make_target(server.serve_forever), name=f"AcceptorServer@{address[1]}",
+                              daemon=True)
+    thread.start()
+    ae._servers.append(server)  # what AE.start_server does: server.shutdown() removes it again
+    return server
+
+
+def use_incoming_dir(folder: Path) -> None:
+    """pynetdicom writes each received data set with tempfile's default directory: point it at
+    the worker's own incoming folder (0700, on the data_dir's file system)."""
+    tempfile.tempdir = str(folder)
+
