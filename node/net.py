@@ -23,9 +23,11 @@ import logging
 import queue
 import socket
 import ssl
+import struct
 import tempfile
 import threading
 import time
+import weakref
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -227,3 +229,155 @@ def use_incoming_dir(folder: Path) -> None:
     the worker's own incoming folder (0700, on the data_dir's file system)."""
     tempfile.tempdir = str(folder)
 
+
+
+# -- hostile input: the PDU guard (issue 16) --------------------------------------------------------
+
+#: Largest PDU other than P-DATA-TF accepted: an A-ASSOCIATE-RQ with 128 presentation contexts and
+#: a user identity is far below it.
+MAX_CONTROL_PDU = 1 << 20
+#: A-ABORT reasons of the service provider (source 2), PS3.8 9.3.8 table 9-26.
+UNRECOGNIZED_PDU, UNEXPECTED_PDU, UNEXPECTED_PDU_PARAMETER, INVALID_PDU_PARAMETER = 0x01, 0x02, 0x05, 0x06
+_A_ABORT_HEADER = b"\x07\x00\x00\x00\x00\x04"
+_violations: "weakref.WeakKeyDictionary[Any, str]" = weakref.WeakKeyDictionary()
+
+
+def violation(assoc: Any) -> str | None:
+    """The protocol violation the PDU guard aborted this association for, if any."""
+    return _violations.get(assoc)
+
+
+class _PDUGuard:
+    """Checks every PDU a peer sends before pynetdicom reads or decodes it, and turns a violation
+    into an A-ABORT (source: service provider, with its PS3.8 reason) sent at once:
+
+    - a P-DATA-TF longer than the maximum PDU length we announced (PS3.8 9.3.8), or any other
+      PDU longer than MAX_CONTROL_PDU: aborted on its header, its body never read (memory stays
+      flat whatever length a peer announces; pynetdicom would buffer all of it);
+    - an unknown PDU type, or a PDU the association's state does not expect;
+    - a PDV for a presentation context that was not accepted, a malformed PDV, or DIMSE fragments
+      out of order (data before its command, a command inside a data set).
+
+    pynetdicom then sees an A-ABORT from the peer (fed to it in place of the offending PDU) and
+    ends the association through its own state machine: nothing is left half-open.
+    """
+
+    def __init__(self, assoc: Any, max_pdu: int) -> None:
+        self.assoc, self.max_pdu = assoc, max_pdu
+        self.header_next = True
+        self.feed = b""  # the A-ABORT body pynetdicom reads after our substituted header
+        self.fragment = "idle"  # DIMSE fragments: idle, command, after_command, data
+        self.context_id: int | None = None
+        sock = assoc.dul.socket
+        self._recv, self._decode = sock.recv, assoc.dul._decode_pdu
+        sock.recv = self.recv  # AssociationSocket.recv: the DUL reads header, then body, with it
+        assoc.dul._decode_pdu = self.decode
+
+    def recv(self, nr_bytes: int) -> bytearray:
+        if self.feed:
+            data, self.feed = self.feed[:nr_bytes], self.feed[nr_bytes:]
+            return bytearray(data)
+        if not self.header_next:
+            self.header_next = True
+            return self._recv(nr_bytes)
+        data = self._recv(nr_bytes)
+        if nr_bytes != 6 or len(data) != 6:
+            return data
+        pdu_type, _, length = struct.unpack(">BBL", data)
+        found = self._check_header(pdu_type, length)
+        if found is None:
+            self.header_next = False
+            return data
+        self.feed = self._abort(*found)[6:]
+        return bytearray(_A_ABORT_HEADER)
+
+    def _check_header(self, pdu_type: int, length: int) -> tuple[int, str] | None:
+        state = self.assoc.dul.state_machine.current_state
+        if not 0x01 <= pdu_type <= 0x07:
+            return UNRECOGNIZED_PDU, f"unrecognised PDU type 0x{pdu_type:02X}"
+        if pdu_type == 0x04 and self.max_pdu and length > self.max_pdu:
+            return INVALID_PDU_PARAMETER, f"P-DATA-TF of {length} bytes, above the announced maximum {self.max_pdu}"
+        if pdu_type != 0x04 and length > MAX_CONTROL_PDU:
+            return INVALID_PDU_PARAMETER, f"PDU type 0x{pdu_type:02X} of {length} bytes"
+        if (state == "Sta2" and pdu_type not in (0x01, 0x07)) or (state == "Sta6" and pdu_type in (1, 2, 3)):
+            return UNEXPECTED_PDU, f"unexpected PDU type 0x{pdu_type:02X} in state {state}"
+        return None
+
+    def decode(self, bytestream: bytearray) -> tuple[Any, str]:
+        if bytestream[:1] == b"\x04" and self.assoc.dul.state_machine.current_state == "Sta6":
+            found = self._check_pdvs(bytes(bytestream[6:]))
+            if found is not None:
+                return self._decode(bytearray(self._abort(*found)))  # an A-ABORT: Evt16
+        return self._decode(bytestream)
+
+    def _check_pdvs(self, body: bytes) -> tuple[int, str] | None:
+        accepted = {cx.context_id for cx in self.assoc.accepted_contexts}
+        offset = 0
+        while offset < len(body):
+            if len(body) - offset < 6:
+                return INVALID_PDU_PARAMETER, "malformed PDV item"
+            (length,) = struct.unpack(">L", body[offset:offset + 4])
+            context_id, control = body[offset + 4], body[offset + 5]
+            if length < 2 or offset + 4 + length > len(body) or control & 0xFC:
+                return INVALID_PDU_PARAMETER, "malformed PDV item"
+            if context_id not in accepted:
+                return INVALID_PDU_PARAMETER, f"PDV for presentation context {context_id}, which was not accepted"
+            found = self._check_order(context_id, control)
+            if found is not None:
+                return found
+            offset += 4 + length
+        return None
+
+    def _check_order(self, context_id: int, control: int) -> tuple[int, str] | None:
+        is_command, is_last = bool(control & 1), bool(control & 2)
+        in_message = self.fragment in ("command", "data") or (not is_command and self.fragment == "after_command")
+        if in_message and context_id != self.context_id:
+            return UNEXPECTED_PDU_PARAMETER, "presentation context changed inside a DIMSE message"
+        if is_command and self.fragment == "data":
+            return UNEXPECTED_PDU_PARAMETER, "command fragment inside a data set"
+        if not is_command and self.fragment in ("idle", "command"):
+            return UNEXPECTED_PDU_PARAMETER, "data fragment before its command"
+        self.context_id = context_id
+        if is_command:
+            self.fragment = "after_command" if is_last else "command"
+        else:
+            self.fragment = "idle" if is_last else "data"
+        return None
+
+    def _abort(self, reason: int, text: str) -> bytes:
+        """Send the A-ABORT to the peer, stop reading, and return its bytes for pynetdicom."""
+        pdu = _A_ABORT_HEADER + bytes([0x00, 0x00, 0x02, reason])
+        _violations[self.assoc] = text
+        requestor = self.assoc.requestor
+        structlog.get_logger("telenode.scp").warning(
+            "protocol_violation", peer=f"{requestor.address}:{requestor.port}",
+            calling_aet=str(requestor.ae_title or "").strip(), reason=text, action=f"A-ABORT (reason {reason})")
+        raw = socket_of(self.assoc)
+        if raw is not None:
+            try:
+                raw.settimeout(2.0)  # a peer that does not read must not hold this thread
+                raw.sendall(pdu)
+                raw.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        return pdu
+
+
+def guard_pdus(event: Any) -> None:
+    """EVT_CONN_OPEN handler (acceptor): check every PDU of this connection (see _PDUGuard)."""
+    _PDUGuard(event.assoc, event.assoc.ae.maximum_pdu_size)
+
+
+def discard_partial(assoc: Any) -> None:
+    """Delete the data set file of a C-STORE the peer did not finish (PHI: an original). pynetdicom
+    removes it only after the C-STORE handler ran, so an aborted transfer would leave it behind."""
+    message = getattr(assoc.dimse, "message", None)
+    handle = getattr(message, "_data_set_file", None)
+    path = getattr(message, "_data_set_path", None)
+    if handle is not None:
+        try:
+            handle.close()
+        except OSError:
+            pass
+    if path is not None:
+        Path(path).unlink(missing_ok=True)

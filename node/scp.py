@@ -108,10 +108,17 @@ def _on_released(event: Any) -> None:
 
 
 def _on_aborted(event: Any) -> None:
+    net.discard_partial(event.assoc)  # the original of a C-STORE cut short, at once
+    if net.violation(event.assoc) is not None:  # the guard sent the A-ABORT and logged its one line
+        return
     if event.assoc.requestor.primitive is None:  # a connection that never associated (a port probe)
         _log.debug("connection_closed", peer=_peer(event)["peer"])
-        return
-    _log.warning("association_aborted", **_peer(event))
+    else:
+        _log.warning("association_aborted", **_peer(event))
+
+
+def _on_conn_close(event: Any) -> None:
+    net.discard_partial(event.assoc)
 
 
 def _status(code: int, comment: str = "") -> Dataset:
@@ -262,6 +269,8 @@ def start(settings: Settings, pipeline: Pipeline) -> Listeners:
     store = pipeline.store
     handlers = [
         (evt.EVT_CONN_OPEN, net.set_nodelay),
+        (evt.EVT_CONN_OPEN, net.guard_pdus),
+        (evt.EVT_CONN_CLOSE, _on_conn_close),
         (evt.EVT_ACCEPTED, _on_accepted, [store]),
         (evt.EVT_REJECTED, _on_rejected, [store]),
         (evt.EVT_RELEASED, _on_released),

@@ -1,0 +1,171 @@
+"""Hostile peers against a running node (issue 16): PDU limits, protocol violations, partial
+originals, idle-connection floods. The peer is tests/hostile.py, raw sockets, no library.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import echo, storescu, wait_for
+from hostile import (A_ABORT, CT_IMAGE, EXPLICIT_LE, P_DATA_TF, Peer,
+                     associate_rq, c_store_command, p_data, pdu, pdv)
+from studies import make_study
+
+GIB4 = 0xFFFFFFF0
+
+
+def _lines(node) -> list[dict]:
+    return [json.loads(line) for line in node.log.read_text().splitlines() if line.startswith("{")]
+
+
+def _violations(node) -> list[dict]:
+    return [e for e in _lines(node) if e["event"] == "protocol_violation"]
+
+
+def _incoming(node) -> list[Path]:
+    root = node.folder / "var" / "incoming"
+    return [p for p in root.rglob("*") if p.is_file()] if root.exists() else []
+
+
+def _workers(node) -> list[int]:
+    children = Path(f"/proc/{node.proc.pid}/task/{node.proc.pid}/children").read_text().split()
+    return [int(pid) for pid in children]
+
+
+def _rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+@pytest.fixture
+def node(make_node, make_storescp):
+    remote = make_storescp().start()
+    running = make_node([(remote.ae_title, remote.port)])
+    running.config.write_text(running.config.read_text().replace("[node]\n", "[node]\nworkers = 2\n", 1))
+    running.start()
+    yield running
+    running.stop()
+
+
+def _expect_abort(peer: Peer, reason: int) -> None:
+    reply = peer.read()
+    assert reply is not None and reply.pdu_type == A_ABORT, reply
+    assert reply.abort_reason == (2, reason)
+    assert peer.closed()
+
+
+def _one_clean_warning(node, contains: str) -> None:
+    assert wait_for(lambda: len(_violations(node)) == 1, 10), _lines(node)[-10:]
+    time.sleep(0.3)  # anything else the abort logs would show up now
+    violation = _violations(node)[0]
+    assert violation["level"] == "warning" and contains in violation["reason"], violation
+    text = node.log.read_text()
+    assert "Traceback" not in text and '"level": "error"' not in text
+
+
+# -- 1. PDU limits -------------------------------------------------------------------------------------
+
+
+def test_p_data_longer_than_announced_is_aborted_at_once_and_memory_stays_flat(node):
+    peer = Peer(node.port)
+    assert peer.associate() == [1]
+    before = {pid: _rss_kib(pid) for pid in _workers(node)}
+    peer.send(pdu(P_DATA_TF, b"", length=GIB4))  # 4 GiB announced ...
+    _expect_abort(peer, 0x06)
+    streamed = 0
+    sender = Peer(node.port)  # ... and a second peer that streams without waiting for an answer
+    assert sender.associate() == [1]
+    try:
+        sender.send(pdu(P_DATA_TF, b"", length=GIB4))
+        chunk = bytes(1 << 20)
+        for _ in range(64):
+            sender.send(chunk)
+            streamed += len(chunk)
+    except OSError:
+        pass  # the node closed the connection: what it would have buffered is not even sent
+    after = {pid: _rss_kib(pid) for pid in _workers(node)}
+    growth = max(after[pid] - before.get(pid, after[pid]) for pid in after)
+    assert growth < 16 * 1024, (growth, streamed)  # KiB; unguarded, pynetdicom buffered all of it
+    assert streamed < 64 << 20  # the node stopped reading long before
+    assert wait_for(lambda: len(_violations(node)) == 2, 10)
+    assert echo(node.port).returncode == 0  # and it still serves
+
+
+def test_oversized_associate_request_is_aborted_before_it_is_read(node):
+    peer = Peer(node.port)
+    peer.send(pdu(1, b"", length=GIB4))
+    _expect_abort(peer, 0x06)
+    _one_clean_warning(node, "PDU type 0x01")
+
+
+# -- 3. protocol violations ---------------------------------------------------------------------------
+
+
+def test_pdv_for_a_context_never_accepted_is_aborted(node):
+    peer = Peer(node.port)
+    assert peer.associate() == [1]
+    peer.send(p_data(pdv(99, 0x03, c_store_command(CT_IMAGE, "1.2.3.4"))))
+    _expect_abort(peer, 0x06)
+    _one_clean_warning(node, "presentation context 99")
+    assert wait_for(lambda: _incoming(node) == [], 5)
+
+
+def test_associate_request_inside_an_association_is_an_unexpected_pdu(node):
+    peer = Peer(node.port)
+    assert peer.associate() == [1]
+    peer.send(associate_rq("TELENODE", "HOSTILE", [(1, CT_IMAGE, [EXPLICIT_LE])]))
+    _expect_abort(peer, 0x02)
+    _one_clean_warning(node, "unexpected PDU type 0x01")
+
+
+def test_data_before_its_command_is_aborted(node):
+    peer = Peer(node.port)
+    assert peer.associate() == [1]
+    peer.send(p_data(pdv(1, 0x02, b"\x08\x00\x16\x00")))
+    _expect_abort(peer, 0x05)
+    _one_clean_warning(node, "data fragment before its command")
+
+
+def test_malformed_pdv_is_aborted(node):
+    peer = Peer(node.port)
+    assert peer.associate() == [1]
+    peer.send(pdu(P_DATA_TF, b"\x00\x00\x00\x01\x01"))  # a PDV item of length 1 (at least 2)
+    _expect_abort(peer, 0x06)
+    _one_clean_warning(node, "malformed PDV")
+
+
+def test_unknown_pdu_type_is_aborted(node):
+    peer = Peer(node.port)
+    peer.send(pdu(0x42, b"\x00" * 4))
+    _expect_abort(peer, 0x01)
+    _one_clean_warning(node, "unrecognised PDU type 0x42")
+
+
+# -- 4. no PHI left behind ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ending", ["close", "abort"])
+def test_partial_original_is_deleted_when_the_peer_goes(node, ending):
+    peer = Peer(node.port)
+    assert peer.associate() == [1]
+    peer.send(p_data(pdv(1, 0x03, c_store_command(CT_IMAGE, "1.2.826.0.1.3680043.99.1"))))
+    peer.send(p_data(pdv(1, 0x00, b"\x08\x00\x05\x00CS\x0a\x00ISO_IR 100")))  # first data fragment, not last
+    assert wait_for(lambda: len(_incoming(node)) == 1, 10)  # the partial original is on disk
+    if ending == "abort":
+        peer.send(pdu(A_ABORT, b"\x00\x00\x00\x00"))
+    peer.close()
+    assert wait_for(lambda: _incoming(node) == [], 5)  # at once, not at the sweep (60 s and more)
+
+
+def test_whole_instances_still_arrive(node, tmp_path, make_storescp):
+    """The guard checks every PDU of a real transfer: DCMTK storescu at the node's PDU limit passes."""
+    study = make_study(tmp_path / "study", instances=3, series=1)
+    result = storescu(node.port, study.files)
+    assert result.returncode == 0, result.stderr
+    assert _violations(node) == []
