@@ -147,6 +147,8 @@ class Settings:
     audit_file: Path | None = None  # audit records also appended here as JSON lines (for a SIEM)
     audit_syslog: str = ""  # audit records also sent to syslog: "/dev/log", "host:port" (UDP)
     warnings: tuple[str, ...] = ()  # valid but risky settings, logged at start
+    association_request_timeout: float = 5.0  # seconds from TCP connect to the A-ASSOCIATE-RQ
+    max_pending_per_address: int = 8  # connections per peer address not yet associated
 
     @property
     def mapping_key(self) -> Path:
@@ -252,6 +254,8 @@ NODE_KEYS: dict[str, tuple[Any, Any, Check | None]] = {
     "stop_timeout": (NUMBER, 30.0, _positive),
     "workers": ((str, int), "auto", _workers),
     "tls": (dict, {}, None),
+    "association_request_timeout": (NUMBER, 5.0, _positive),
+    "max_pending_per_address": (int, 8, _positive),
 }
 ANON_KEYS: dict[str, tuple[Any, Any, Check | None]] = {
     "profile_options": (list, [], _options),
@@ -428,6 +432,8 @@ def load(path: str | os.PathLike[str]) -> Settings:
         audit_file=_resolve(base, security["audit_file"]) if security["audit_file"] else None,
         audit_syslog=security["audit_syslog"],
         warnings=_warnings(destinations),
+        association_request_timeout=float(node["association_request_timeout"]),
+        max_pending_per_address=node["max_pending_per_address"],
     )
 
 

@@ -19,7 +19,9 @@ changes underneath:
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
 import queue
 import socket
 import ssl
@@ -130,6 +132,12 @@ def called_ae_title(assoc: Any) -> str:
     """The Called AE Title of the peer's A-ASSOCIATE-RQ (acceptor side)."""
     primitive = assoc.requestor.primitive
     return str(getattr(primitive, "called_ae_title", "") or "").strip()
+
+
+def calling_ae_title(assoc: Any) -> str:
+    """The Calling AE Title of the peer's A-ASSOCIATE-RQ (acceptor side, also before negotiation)."""
+    primitive = assoc.requestor.primitive
+    return str(getattr(primitive, "calling_ae_title", "") or "").strip()
 
 
 def rejection(assoc: Any) -> str:
@@ -381,3 +389,131 @@ def discard_partial(assoc: Any) -> None:
             pass
     if path is not None:
         Path(path).unlink(missing_ok=True)
+
+
+# -- admission: idle connections and the association limit (issue 16) -----------------------------
+
+
+class Slots:
+    """At most `limit` associations at once across every worker process of one node: one lock file
+    per slot under `folder`, held with flock while an association lives (the kernel frees the
+    slots of a worker that dies). A burst is served up to the limit whichever worker the kernel
+    hands each connection to."""
+
+    def __init__(self, folder: Path, limit: int) -> None:
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._files = [os.open(folder / f"{index}", os.O_RDWR | os.O_CREAT, 0o600) for index in range(limit)]
+        self._held: set[int] = set()
+        self._lock = threading.Lock()
+
+    def take(self) -> int | None:
+        """A free slot (held until `give`), or None when every slot is in use."""
+        with self._lock:
+            for index, handle in enumerate(self._files):
+                if index in self._held:
+                    continue
+                try:
+                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # another worker's association
+                self._held.add(index)
+                return index
+        return None
+
+    def give(self, index: int) -> None:
+        with self._lock:
+            if index in self._held:
+                fcntl.flock(self._files[index], fcntl.LOCK_UN)
+                self._held.discard(index)
+
+    def in_use(self) -> int:
+        """Slots held by this process."""
+        with self._lock:
+            return len(self._held)
+
+
+class Admission:
+    """The listening side's limits, on connections as they come (EVT_CONN_OPEN, EVT_REQUESTED,
+    and every way a connection ends):
+
+    - a connection must send its A-ASSOCIATE-RQ within `request_timeout` seconds (pynetdicom waits
+      the whole ACSE timeout, 30 s by default);
+    - at most `max_pending` connections per peer address that have not sent it yet: a further one
+      closes that address's oldest (a modality that connects and associates at once is never the
+      oldest; a flood of idle sockets only evicts itself);
+    - association slots (`Slots`) are taken when the A-ASSOCIATE-RQ arrives, not at the TCP
+      connect, so idle sockets hold none.
+    """
+
+    def __init__(self, slots: Slots, request_timeout: float, acse_timeout: float, max_pending: int) -> None:
+        self.slots, self.request_timeout, self.acse_timeout = slots, request_timeout, acse_timeout
+        self.max_pending = max_pending
+        self._pending: dict[str, list[Any]] = {}
+        self._holding: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
+        self._lock = threading.Lock()
+
+    def opened(self, event: Any) -> None:
+        """EVT_CONN_OPEN: start the A-ASSOCIATE-RQ deadline; evict the address's oldest if over the cap."""
+        assoc = event.assoc
+        assoc.acse_timeout = self.request_timeout  # how long the acceptor waits for the request
+        assoc.dul.artim_timer.timeout = self.request_timeout  # and the DUL before it closes the socket
+        address = str(assoc.requestor.address)
+        with self._lock:
+            waiting = self._pending.setdefault(address, [])
+            waiting.append(assoc)
+            evicted = waiting.pop(0) if len(waiting) > self.max_pending else None
+        if evicted is not None:
+            structlog.get_logger("telenode.scp").debug("connection_evicted", peer=address,
+                                                       reason="too many connections without an association")
+            _hang_up(evicted)
+
+    def requested(self, event: Any) -> bool:
+        """EVT_REQUESTED: the request came in time; False when no association slot is free."""
+        assoc = event.assoc
+        assoc.acse_timeout = self.acse_timeout
+        assoc.dul.artim_timer.timeout = self.acse_timeout
+        self._not_pending(assoc)
+        slot = self.slots.take()
+        if slot is None:
+            return False
+        with self._lock:
+            self._holding[assoc] = slot
+        return True
+
+    def ended(self, event: Any) -> None:
+        """Any end of a connection (closed, released, aborted, rejected): free what it held."""
+        assoc = event.assoc
+        self._not_pending(assoc)
+        with self._lock:
+            slot = self._holding.pop(assoc, None)
+        if slot is not None:
+            self.slots.give(slot)
+
+    def _not_pending(self, assoc: Any) -> None:
+        with self._lock:
+            waiting = self._pending.get(str(assoc.requestor.address), [])
+            if assoc in waiting:
+                waiting.remove(assoc)
+            if not waiting:
+                self._pending.pop(str(assoc.requestor.address), None)
+
+    def pending(self) -> int:
+        with self._lock:
+            return sum(len(w) for w in self._pending.values())
+
+
+def _hang_up(assoc: Any) -> None:
+    """Close a connection from another thread: its DUL sees the transport close and ends."""
+    raw = socket_of(assoc)
+    if raw is not None:
+        try:
+            raw.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
+def reject_busy(assoc: Any) -> None:
+    """From EVT_REQUESTED: A-ASSOCIATE-RJ rejected-transient, service provider (presentation),
+    local-limit-exceeded (PS3.8 9.3.4), then end the association as pynetdicom's own limit does."""
+    assoc.acse.send_reject(0x02, 0x03, 0x02)
+    assoc.kill()

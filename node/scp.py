@@ -149,10 +149,34 @@ def make_store_handler(pipeline: Pipeline, data_dir: Path | None = None, min_fre
     return on_store
 
 
+UNLIMITED = 1 << 30
+
+
+def admission(settings: Settings) -> net.Admission:
+    """[node] limits: workers × max_associations slots shared by the workers, the A-ASSOCIATE-RQ
+    deadline, and the cap on not-yet-associated connections per peer address."""
+    slots = net.Slots(settings.data_dir / "slots", settings.workers * settings.max_associations)
+    return net.Admission(slots, settings.association_request_timeout, settings.acse_timeout,
+                         settings.max_pending_per_address)
+
+
+def _on_requested(event: Any, gate: net.Admission, store: Store) -> None:
+    if gate.requested(event):
+        return
+    peer = {"calling_aet": net.calling_ae_title(event.assoc), "peer": _peer(event)["peer"]}
+    reason = "too many associations"
+    store.audit("association", **peer, called_aet=_called_aet(event), tls=_is_tls(event), accepted=False,
+                reason=reason)
+    _log.warning("association_rejected", **peer, tls=_is_tls(event), reason=reason)
+    net.reject_busy(event.assoc)
+
+
 def build_ae(settings: Settings) -> AE:
     """An AE configured from [node]: title, limits, timeouts, PDU size, allowed calling AEs."""
     ae = AE(ae_title=settings.ae_title)
-    ae.maximum_associations = settings.max_associations
+    # The limit is net.Slots' (associations of all workers, taken at the A-ASSOCIATE-RQ); pynetdicom's
+    # own would count every open socket of this worker, idle ones included.
+    ae.maximum_associations = UNLIMITED
     ae.acse_timeout = settings.acse_timeout
     ae.dimse_timeout = settings.dimse_timeout
     ae.network_timeout = settings.network_timeout
@@ -267,14 +291,19 @@ def start(settings: Settings, pipeline: Pipeline) -> Listeners:
     net.configure(TRANSFER_SYNTAXES)
     ae = build_ae(settings)
     store = pipeline.store
+    gate = admission(settings)
     handlers = [
         (evt.EVT_CONN_OPEN, net.set_nodelay),
         (evt.EVT_CONN_OPEN, net.guard_pdus),
+        (evt.EVT_CONN_OPEN, gate.opened),
+        (evt.EVT_REQUESTED, _on_requested, [gate, store]),
         (evt.EVT_CONN_CLOSE, _on_conn_close),
         (evt.EVT_ACCEPTED, _on_accepted, [store]),
         (evt.EVT_REJECTED, _on_rejected, [store]),
         (evt.EVT_RELEASED, _on_released),
         (evt.EVT_ABORTED, _on_aborted),
+        *[(event, gate.ended) for event in (evt.EVT_CONN_CLOSE, evt.EVT_REJECTED, evt.EVT_RELEASED,
+                                            evt.EVT_ABORTED)],
         (evt.EVT_C_STORE, make_store_handler(pipeline, settings.data_dir, settings.min_free_mb * 1024 * 1024)),
     ]
     plain = settings.tls is None or settings.tls.port != settings.port  # tls.port == port: TLS only

@@ -79,8 +79,9 @@ class Reply:
 class Peer:
     """One TCP connection to the node."""
 
-    def __init__(self, port: int, host: str = "127.0.0.1", timeout: float = 10.0) -> None:
-        self.sock = socket.create_connection((host, port), timeout=timeout)
+    def __init__(self, port: int, host: str = "127.0.0.1", timeout: float = 10.0, source: str = "") -> None:
+        self.sock = socket.create_connection((host, port), timeout=timeout,
+                                             source_address=(source, 0) if source else None)
 
     def send(self, data: bytes) -> None:
         self.sock.sendall(data)

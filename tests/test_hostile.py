@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from conftest import echo, storescu, wait_for
-from hostile import (A_ABORT, CT_IMAGE, EXPLICIT_LE, P_DATA_TF, Peer,
-                     associate_rq, c_store_command, p_data, pdu, pdv)
+from hostile import (A_ABORT, A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_RELEASE_RP, A_RELEASE_RQ, CT_IMAGE, EXPLICIT_LE,
+                     P_DATA_TF, Peer, associate_rq, c_store_command, p_data, pdu, pdv)
 from studies import make_study
 
 GIB4 = 0xFFFFFFF0
@@ -169,3 +169,74 @@ def test_whole_instances_still_arrive(node, tmp_path, make_storescp):
     result = storescu(node.port, study.files)
     assert result.returncode == 0, result.stderr
     assert _violations(node) == []
+
+
+# -- 2. idle and half-open connections ----------------------------------------------------------------
+
+
+def _idle(port: int, source: str) -> Peer | None:
+    try:
+        return Peer(port, source=source)
+    except OSError:
+        return None
+
+
+@pytest.mark.parametrize("source", ["127.0.0.2", "127.0.0.1"])
+def test_idle_flood_does_not_keep_a_modality_out(node, tmp_path, source):
+    """200 connections that send nothing, from another address or the modality's own: a modality
+    still associates at once; the idle ones are closed after association_request_timeout."""
+    flood = [p for p in (_idle(node.port, source) for _ in range(200)) if p is not None]
+    assert len(flood) == 200
+    study = make_study(tmp_path / "study", instances=2, series=1)
+    start = time.monotonic()
+    result = storescu(node.port, study.files)
+    took = time.monotonic() - start
+    assert result.returncode == 0, result.stderr
+    assert took < 5.0, took
+    for peer in flood:  # every idle connection ends: evicted at once, or at the 5 s request deadline
+        peer.sock.settimeout(15)
+        assert peer.closed()
+    assert not any(e["event"] == "association_rejected" for e in _lines(node))
+
+
+def test_association_request_deadline_is_configurable(make_node, make_storescp):
+    remote = make_storescp().start()
+    node = make_node([(remote.ae_title, remote.port)])
+    node.config.write_text(node.config.read_text().replace(
+        "[node]\n", "[node]\nworkers = 1\nassociation_request_timeout = 1.0\n", 1))
+    node.start()
+    peer = Peer(node.port)
+    start = time.monotonic()
+    assert peer.closed()
+    assert 0.5 < time.monotonic() - start < 4.0
+    assert echo(node.port).returncode == 0
+    node.stop()
+
+
+# -- 5. capacity as configured ------------------------------------------------------------------------
+
+
+def test_a_burst_gets_every_slot_of_every_worker(make_node, make_storescp):
+    """max_associations = 3 with 2 workers: 6 associations at once, whichever worker the kernel
+    picks for each; the 7th is rejected with local-limit-exceeded."""
+    remote = make_storescp().start()
+    node = make_node([(remote.ae_title, remote.port)])
+    node.config.write_text(node.config.read_text().replace(
+        "[node]\n", "[node]\nworkers = 2\nmax_associations = 3\n", 1))
+    node.start()
+    peers = []
+    for _ in range(12):  # many tries, so the kernel's spreading over workers is never even
+        peer = Peer(node.port)
+        peer.send(associate_rq("TELENODE", "BURST", [(1, CT_IMAGE, [EXPLICIT_LE])]))
+        reply = peer.read()
+        assert reply is not None
+        peers.append((peer, reply))
+    accepted = [p for p, r in peers if r.pdu_type == A_ASSOCIATE_AC]
+    rejected = [r for p, r in peers if r.pdu_type != A_ASSOCIATE_AC]
+    assert len(accepted) == 6, [r.pdu_type for _, r in peers]
+    assert all(r.pdu_type == A_ASSOCIATE_RJ and r.body[1:4] == bytes([2, 3, 2]) for r in rejected)
+    accepted[0].send(pdu(A_RELEASE_RQ, bytes(4)))  # a slot freed is a slot reused
+    assert accepted[0].read().pdu_type == A_RELEASE_RP
+    late = Peer(node.port)
+    assert late.associate() == [1]
+    node.stop()

@@ -86,9 +86,31 @@ def test_private_attributes_exist():
     assert "server_class" in inspect.signature(AE.make_server).parameters
     assert list(inspect.signature(ThreadedAssociationServer.process_request_thread).parameters) == [
         "self", "request", "client_address"]
-    # pynetdicom writes received data sets with NamedTemporaryFile and no dir: tempfile.tempdir decides.
+    # pynetdicom writes received data sets with NamedTemporaryFile and no dir: tempfile.tempdir decides;
+    # discard_partial closes and deletes the one of an unfinished message.
     from pynetdicom import dimse_messages
-    assert "NamedTemporaryFile(delete=False" in inspect.getsource(dimse_messages)
+    decode_msg = inspect.getsource(dimse_messages.DIMSEMessage.decode_msg)
+    assert "NamedTemporaryFile(delete=False" in decode_msg
+    assert "self._data_set_file" in decode_msg and "self._data_set_path" in decode_msg
+    assert "self.message = None" in inspect.getsource(DIMSEServiceProvider.receive_primitive)
+
+
+def test_pdu_guard_and_admission_internals_exist():
+    """What _PDUGuard and Admission replace or set on each connection."""
+    from pynetdicom.transport import AssociationSocket
+    read = inspect.getsource(DULServiceProvider._read_pdu_data)
+    assert "self.socket.recv(6)" in read and "self.socket.recv(pdu_length)" in read  # header, then body
+    assert "self._decode_pdu(bytestream)" in read
+    assert list(inspect.signature(DULServiceProvider._decode_pdu).parameters) == ["self", "bytestream"]
+    assert list(inspect.signature(AssociationSocket.recv).parameters) == ["self", "nr_bytes"]
+    assert "current_state" in inspect.getsource(DULServiceProvider.__init__) or \
+        "current_state" in inspect.getsource(__import__("pynetdicom.fsm").fsm.StateMachine.__init__)
+    assert "artim_timer" in inspect.getsource(DULServiceProvider.__init__)
+    reactor = inspect.getsource(Association.run_reactor)
+    assert "receive_pdu(wait=True, timeout=self.acse_timeout)" in reactor  # the A-ASSOCIATE-RQ deadline
+    assert "evt.EVT_REQUESTED" in reactor and "not self.is_rejected" in reactor  # a reject there ends it
+    assert list(inspect.signature(acse.ACSE.send_reject).parameters) == ["self", "result", "source", "diagnostic"]
+    assert "maximum_associations" in inspect.getsource(acse.ACSE._negotiate_as_acceptor)
 
 
 # -- the adapters against real peers ------------------------------------------------------------------
@@ -326,3 +348,14 @@ def test_status_shows_the_remotes_rejection_reason(tmp_path, make_node, acceptor
     assert _status(node)["remote0"]["last_error"] == \
         "association rejected: Calling AE title not recognised (permanent, service user)"
     assert node.stop() == 0
+
+
+def test_slots_are_shared_by_every_holder_of_the_folder(tmp_path):
+    """Two workers (two sets of open files on one folder) share `limit` slots; a freed one is reused."""
+    first, second = net.Slots(tmp_path / "slots", 3), net.Slots(tmp_path / "slots", 3)
+    taken = [first.take(), second.take(), second.take()]
+    assert sorted(taken) == [0, 1, 2]
+    assert first.take() is None and second.take() is None
+    second.give(taken[1])
+    assert first.take() == taken[1]
+    assert first.in_use() == 2 and second.in_use() == 1
