@@ -37,6 +37,7 @@ from typing import Any
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, UID
+from pynetdicom.sop_class import Verification as VERIFICATION
 from pynetdicom import AE, evt
 
 from node import log, net, tls
@@ -53,6 +54,13 @@ UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 PREEMPT_EVERY = 8  # instances between checks for higher-priority work
 MAX_CONTEXTS = 128  # PS3.8: presentation context IDs are odd numbers 1..255
 
+#: While a destination is down, a C-ECHO every PROBE_EVERY seconds ends the backoff as soon as it
+#: answers: the backlog moves within seconds of the remote's return, whatever the backoff reached.
+PROBE_EVERY = 2.0
+#: Sent instances are recorded (status, spool clean-up) at least this often within a batch, so
+#: `status` follows the remote's confirmations instead of jumping once per batch.
+RECORD_EVERY = 1.0
+
 #: Statuses that mean the remote stored the instance (PS3.4 B.2-1: success and warnings).
 STORED = {0x0000, 0x0001, 0xB000, 0xB006, 0xB007}
 
@@ -65,6 +73,7 @@ class Health:
         self._lock = threading.Lock()
         self._down_since: float | None = None
         self.attempts = 0  # failed attempts in the current outage
+        self.interrupted: set[str] = set()  # instances in flight when an association was lost
 
     def failed(self) -> bool:
         """An attempt failed; True for the first failure of an outage."""
@@ -174,7 +183,38 @@ class Forwarder:
             self._backoff = 0
         else:
             self._close_quietly()
-            self._stop.wait(wait)
+            self._wait_or_probe(wait)
+
+    def _wait_or_probe(self, wait: float) -> None:
+        """Back off for `wait` seconds, but stop waiting as soon as a C-ECHO to the remote succeeds."""
+        deadline = time.monotonic() + wait
+        while True:
+            step = min(PROBE_EVERY, deadline - time.monotonic())
+            if step <= 0 or self._stop.wait(step):
+                return
+            if deadline - time.monotonic() > 0.5 and self._echo():
+                self.log.debug("destination_answers", probe="C-ECHO")
+                return
+
+    def _echo(self) -> bool:
+        """One C-ECHO association to the destination; True when it answered Success."""
+        d = self.destination
+        ae = AE(ae_title=self.ae_title)
+        ae.connection_timeout = ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = min(d.connect_timeout, 5.0)
+        ae.add_requested_context(VERIFICATION)
+        tls_args = (self._tls, tls.server_hostname(d.tls, d.host)) if self._tls is not None and d.tls else None
+        try:
+            assoc = ae.associate(d.host, d.port, ae_title=d.ae_title, tls_args=tls_args)
+        except (OSError, RuntimeError, ValueError):
+            return False
+        if not assoc.is_established:
+            return False
+        try:
+            status = assoc.send_c_echo()
+            return isinstance(status, Dataset) and status.get("Status") == 0x0000
+        finally:
+            if assoc.is_established:
+                assoc.release()
 
     def _idle(self) -> None:
         """Wait for work; an association left open is released after LINGER seconds without any."""
@@ -269,6 +309,7 @@ class Forwarder:
             return self._postpone(rows, self._not_established(assoc))
         sent: list[int] = []
         uids: list[str] = []
+        recorded, last_record = 0, time.monotonic()
         wait: float | None = None
         try:
             for index, row in enumerate(rows):
@@ -279,7 +320,11 @@ class Forwarder:
                 if outcome == "sent":
                     sent.append(row["id"])
                     uids.append(row["pseudo_sop_instance_uid"])
+                    if time.monotonic() - last_record >= RECORD_EVERY:  # status follows the remote
+                        self._record_sent(sent[recorded:], uids[recorded:])
+                        recorded, last_record = len(sent), time.monotonic()
                 elif outcome == "transient":
+                    self._health.interrupted.add(row["pseudo_sop_instance_uid"])
                     if reused and not sent:
                         # The remote dropped an association we kept open (idle timeout): reconnect now.
                         self.store.release([r["id"] for r in rows[index:]])
@@ -288,17 +333,22 @@ class Forwarder:
                     wait = self._postpone(rows[index:], "association lost while sending")
                     break
         finally:
-            with self.store.batch():  # one commit for the queue rows and their audit record
-                done = self.store.mark_sent(sent)
-                if sent:
-                    self.store.audit("forwarded", destination=self.destination.name, count=len(sent),
-                                     sop_instance_uids=uids, tls=self._tls is not None)
-            for path in done:
-                self.spool.remove(path)
+            self._record_sent(sent[recorded:], uids[recorded:])
         if sent:
             self.log.info("batch_sent", instances=len(sent), contexts=len(contexts), reused=reused,
                           tls=self._tls is not None)
         return wait
+
+    def _record_sent(self, ids: list[int], uids: list[str]) -> None:
+        """Mark rows sent, with their audit record in the same commit; drop spool files no one needs."""
+        if not ids:
+            return
+        with self.store.batch():
+            done = self.store.mark_sent(ids)
+            self.store.audit("forwarded", destination=self.destination.name, count=len(ids),
+                             sop_instance_uids=uids, tls=self._tls is not None)
+        for path in done:
+            self.spool.remove(path)
 
     def _not_established(self, assoc: Any) -> str:
         """Why the association did not come up; a TLS failure names the certificate problem."""
@@ -309,7 +359,8 @@ class Forwarder:
     def _postpone(self, rows: list[dict[str, Any]], reason: str) -> float:
         """A transient, destination-wide problem: back to the queue, wait with backoff, count nothing."""
         wait = self._delay()
-        self.store.release([r["id"] for r in rows], wait)
+        # Due at once: the worker's own backoff (which a C-ECHO probe can end early) spaces the attempts.
+        self.store.release([r["id"] for r in rows])
         self.store.note_error(self.destination.name, reason)
         if self._health.failed():  # the one warning of this outage ("tls_failed" when TLS is the reason)
             d = self.destination
@@ -362,7 +413,10 @@ class Forwarder:
             return "transient"
         code = int(status.Status)
         if code in STORED:
-            self.log.info("instance_sent", sop_instance_uid=uid, status=f"0x{code:04X}", bytes=row["size"])
+            resent = uid in self._health.interrupted  # the remote may have stored it the first time
+            self._health.interrupted.discard(uid)
+            self.log.info("instance_sent", sop_instance_uid=uid, status=f"0x{code:04X}", bytes=row["size"],
+                          **({"resent": True} if resent else {}))
             return "sent"
         comment = str(status.get("ErrorComment", "") or "").strip()
         reason = f"status 0x{code:04X}" + (f": {comment}" if comment else "")

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pydicom
 import pytest
+import structlog
+import structlog.testing
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
@@ -30,7 +32,9 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from conftest import StoreSCP, free_port, storescu, wait_for
 from node import net, scp
+from node.store import INFLIGHT, SENT
 from studies import make_study
+from test_forward import harness  # noqa: F401 - the fixture
 
 CT_SMALL = get_testdata_file("CT_small.dcm")
 JPEG_XL_LOSSLESS = "1.2.840.10008.1.2.4.110"
@@ -359,3 +363,50 @@ def test_slots_are_shared_by_every_holder_of_the_folder(tmp_path):
     second.give(taken[1])
     assert first.take() == taken[1]
     assert first.in_use() == 2 and second.in_use() == 1
+
+
+# -- progress you can see (issue 16, item 6) ------------------------------------------------------------
+
+
+def test_status_counts_instances_as_the_remote_confirms_them(harness):  # noqa: F811
+    """A slow remote (0.3 s per instance), one batch of 12: `sent` climbs during the batch."""
+    q = harness.queue()
+    for _ in range(12):
+        q.add()
+    remote = harness.remote(respond=lambda uid, seen: time.sleep(0.3) or 0x0000).start()
+    harness.forwarder(q, remote.port)
+    assert wait_for(lambda: 0 < q.count(SENT) < 12 and q.count(INFLIGHT) > 0, 20), q.store.status()
+    assert wait_for(lambda: q.count(SENT) == 12, 30)
+
+
+def test_backlog_moves_within_seconds_of_the_remote_coming_back(harness, tmp_path):  # noqa: F811
+    """Backoff has grown to ~16 s when the remote comes back; a C-ECHO probe ends it within seconds."""
+    q = harness.queue()
+    for _ in range(3):
+        q.add()
+    remote = StoreSCP(tmp_path / "remote", free_port())
+    forwarder = harness.forwarder(q, remote.port, ae_title=remote.ae_title, retry_delay=4.0,
+                                  retry_multiplier=4.0, max_retry_delay=60.0)
+    assert wait_for(lambda: forwarder._health.attempts >= 2, 20)  # now waiting 16 s ± 20 %
+    back = time.monotonic()
+    remote.start()
+    try:
+        assert wait_for(lambda: q.count(SENT) == 3, 30)
+        assert time.monotonic() - back < 6.0, time.monotonic() - back
+    finally:
+        remote.stop()
+
+
+def test_a_resent_instance_is_counted_as_such(harness):  # noqa: F811
+    """The remote aborts on the first receipt of an instance (stored or not, the node cannot know):
+    it is sent again, and that send says resent."""
+    q = harness.queue()
+    uid = q.add()
+    aborted: set[str] = set()
+    remote = harness.remote(respond=lambda u, seen: (aborted.add(u) or None) if u not in aborted else 0x0000)
+    remote.start()
+    with structlog.testing.capture_logs() as logs:
+        harness.forwarder(q, remote.port)
+        assert wait_for(lambda: q.count(SENT) == 1, 30), q.store.status()
+    sent = [e for e in logs if e["event"] == "instance_sent" and e["sop_instance_uid"] == uid]
+    assert [e.get("resent") for e in sent] == [True]
