@@ -5,12 +5,13 @@ originals, idle-connection floods. The peer is tests/hostile.py, raw sockets, no
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import echo, storescu, wait_for
+from conftest import PEER_ENV, dcmtk, echo, storescu, wait_for
 from hostile import (A_ABORT, A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_RELEASE_RP, A_RELEASE_RQ, CT_IMAGE, EXPLICIT_LE,
                      P_DATA_TF, Peer, associate_rq, c_store_command, p_data, pdu, pdv)
 from studies import make_study
@@ -49,6 +50,7 @@ def node(make_node, make_storescp):
     running = make_node([(remote.ae_title, remote.port)])
     running.config.write_text(running.config.read_text().replace("[node]\n", "[node]\nworkers = 2\n", 1))
     running.start()
+    running.remote = remote
     yield running
     running.stop()
 
@@ -240,3 +242,23 @@ def test_a_burst_gets_every_slot_of_every_worker(make_node, make_storescp):
     late = Peer(node.port)
     assert late.associate() == [1]
     node.stop()
+
+
+# -- load, scaled down -----------------------------------------------------------------------------------
+
+
+def test_several_modalities_at_once_lose_nothing(node, tmp_path, make_storescp):
+    """6 DCMTK storescu at once (20 instances each) into 2 workers: every instance reaches the remote
+    once, with no stolen response (issue 11's stall) and no resend."""
+    studies = [make_study(tmp_path / f"study{i}", instances=20, series=1) for i in range(6)]
+    senders = [subprocess.Popen([dcmtk("storescu"), "-aet", f"MOD{i}", "-aec", "TELENODE", "127.0.0.1",
+                                 str(node.port), *map(str, s.files)], env=PEER_ENV,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for i, s in enumerate(studies)]
+    assert [p.wait(180) for p in senders] == [0] * 6
+    remote = node.remote
+    assert wait_for(lambda: len(remote.files()) == 120, 120), len(remote.files())
+    time.sleep(1.0)  # a resend would show up now
+    sent = [e for e in _lines(node) if e["event"] == "instance_sent"]
+    assert len(sent) == 120 and len({e["sop_instance_uid"] for e in sent}) == 120
+    text = node.log.read_text()
+    assert "unexpected" not in text and '"level": "error"' not in text and "resent" not in text

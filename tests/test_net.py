@@ -31,7 +31,7 @@ from pynetdicom.sop_class import CTImageStorage, Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
 from conftest import StoreSCP, free_port, storescu, wait_for
-from node import net, scp
+from node import config, net, scp
 from node.store import INFLIGHT, SENT
 from studies import make_study
 from test_forward import harness  # noqa: F401 - the fixture
@@ -410,3 +410,19 @@ def test_a_resent_instance_is_counted_as_such(harness):  # noqa: F811
         assert wait_for(lambda: q.count(SENT) == 1, 30), q.store.status()
     sent = [e for e in logs if e["event"] == "instance_sent" and e["sop_instance_uid"] == uid]
     assert [e.get("resent") for e in sent] == [True]
+
+
+# -- the [node] keys of issue 16 -------------------------------------------------------------------------
+
+
+def test_admission_keys_load_with_defaults_and_are_checked(tmp_path):
+    from test_config import VALID, write
+    settings = config.load(write(tmp_path, VALID))
+    assert (settings.association_request_timeout, settings.max_pending_per_address) == (5.0, 8)
+    tuned = VALID.replace("[node]\n", "[node]\nassociation_request_timeout = 2.5\nmax_pending_per_address = 3\n")
+    settings = config.load(write(tmp_path, tuned))
+    assert (settings.association_request_timeout, settings.max_pending_per_address) == (2.5, 3)
+    for bad, key in (("association_request_timeout = 0", "association_request_timeout"),
+                     ("max_pending_per_address = -1", "max_pending_per_address")):
+        with pytest.raises(config.ConfigError, match=rf"node\.{key}"):
+            config.load(write(tmp_path, VALID.replace("[node]\n", f"[node]\n{bad}\n")))
