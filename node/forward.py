@@ -22,6 +22,11 @@ accepts in no syntax the node can produce fails at once. Every few instances
 a worker checks for higher-priority (STAT) work and yields to it. A paused
 destination keeps queueing and sends nothing. A spool file is deleted only
 after every destination has it (or gave up on it).
+
+What an operator sees: an outage is one warning (destination_down) and one info
+(destination_up), the attempts in between debug; a C-ECHO probe every
+PROBE_EVERY seconds ends a long backoff as soon as the remote answers; sent
+instances are recorded at least every RECORD_EVERY seconds within a batch.
 """
 
 from __future__ import annotations
@@ -37,7 +42,6 @@ from typing import Any
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, UID
-from pynetdicom.sop_class import Verification as VERIFICATION
 from pynetdicom import AE, evt
 
 from node import log, net, tls
@@ -57,6 +61,7 @@ MAX_CONTEXTS = 128  # PS3.8: presentation context IDs are odd numbers 1..255
 #: While a destination is down, a C-ECHO every PROBE_EVERY seconds ends the backoff as soon as it
 #: answers: the backlog moves within seconds of the remote's return, whatever the backoff reached.
 PROBE_EVERY = 2.0
+VERIFICATION = "1.2.840.10008.1.1"  # the Verification SOP Class (C-ECHO)
 #: Sent instances are recorded (status, spool clean-up) at least this often within a batch, so
 #: `status` follows the remote's confirmations instead of jumping once per batch.
 RECORD_EVERY = 1.0
@@ -452,6 +457,7 @@ class Forwarder:
                 "sop_instance_uid": row["pseudo_sop_instance_uid"], "sop_class_uid": row["sop_class_uid"],
                 "transfer_syntax": row["transfer_syntax"], "priority": row["priority"], "queue_id": row["id"],
             })
+        self._health.interrupted.discard(row["pseudo_sop_instance_uid"])
         for path in self.store.mark_failed(row["id"], reason):
             self.spool.remove(path)
         self.store.audit("send_failed", destination=self.destination.name, reason=reason,

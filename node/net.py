@@ -70,7 +70,7 @@ class _DebugBridge(logging.Handler):
     dataset values (its debug lines can carry UIDs, so they are not collected)."""
 
     def emit(self, record: logging.LogRecord) -> None:
-        structlog.get_logger(record.name).debug("library_message", level=record.levelname.lower(),
+        structlog.get_logger(record.name).debug("library_message", library_level=record.levelname.lower(),
                                                 message=record.getMessage())
 
 
@@ -205,6 +205,30 @@ def guard_reactor(assoc: Any) -> None:
     assoc._serve_request = _serve_or_return
 
 
+class _RecordingSocket(ssl.SSLSocket):
+    """Keeps the reason of a failed TLS handshake on its context (pynetdicom only logs it)."""
+
+    describe: Any = staticmethod(str)
+
+    def connect(self, address: Any) -> None:
+        self.context.last_failure = None  # type: ignore[attr-defined]
+        super().connect(address)
+
+    def do_handshake(self, block: bool = False) -> None:
+        try:
+            super().do_handshake(block)
+        except (ssl.SSLError, TimeoutError) as exc:
+            self.context.last_failure = self.describe(exc)  # type: ignore[attr-defined]
+            raise
+
+
+def record_tls_failures(context: ssl.SSLContext, describe: Any) -> None:
+    """A destination's client context: the reason its last handshake failed, described by
+    `describe`, is kept in `context.last_failure` (None after a connect that got through)."""
+    context.sslsocket_class = type("RecordingSocket", (_RecordingSocket,), {"describe": staticmethod(describe)})
+    context.last_failure = None  # type: ignore[attr-defined]
+
+
 # -- the listening side -----------------------------------------------------------------------------
 
 
@@ -216,6 +240,7 @@ class Server(ThreadedAssociationServer):
     request_queue_size = 128
 
     def server_bind(self) -> None:
+        assert self.socket is not None  # socketserver creates it before binding
         self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         super().server_bind()
 
@@ -460,6 +485,7 @@ class Admission:
         address = str(assoc.requestor.address)
         with self._lock:
             waiting = self._pending.setdefault(address, [])
+            waiting[:] = [a for a in waiting if a.is_alive()]  # ended without an event we saw
             waiting.append(assoc)
             evicted = waiting.pop(0) if len(waiting) > self.max_pending else None
         if evicted is not None:
@@ -473,6 +499,7 @@ class Admission:
         assoc.acse_timeout = self.acse_timeout
         assoc.dul.artim_timer.timeout = self.acse_timeout
         self._not_pending(assoc)
+        self._reclaim()
         slot = self.slots.take()
         if slot is None:
             return False
@@ -487,6 +514,15 @@ class Admission:
         with self._lock:
             slot = self._holding.pop(assoc, None)
         if slot is not None:
+            self.slots.give(slot)
+
+    def _reclaim(self) -> None:
+        """Slots of associations whose thread has ended without an event we saw (a safety net)."""
+        with self._lock:
+            gone = [(a, slot) for a, slot in self._holding.items() if not a.is_alive()]
+            for assoc, _ in gone:
+                del self._holding[assoc]
+        for _, slot in gone:
             self.slots.give(slot)
 
     def _not_pending(self, assoc: Any) -> None:

@@ -10,6 +10,7 @@ import json
 import logging
 import queue
 import socket
+import ssl
 import tempfile
 import threading
 import time
@@ -114,6 +115,9 @@ def test_pdu_guard_and_admission_internals_exist():
     assert "receive_pdu(wait=True, timeout=self.acse_timeout)" in reactor  # the A-ASSOCIATE-RQ deadline
     assert "evt.EVT_REQUESTED" in reactor and "not self.is_rejected" in reactor  # a reject there ends it
     assert list(inspect.signature(acse.ACSE.send_reject).parameters) == ["self", "result", "source", "diagnostic"]
+    # record_tls_failures: pynetdicom wraps a destination's socket with the context we give it.
+    assert "wrap_socket(" in inspect.getsource(AssociationSocket)
+    assert hasattr(ssl.SSLContext, "sslsocket_class")
     assert "maximum_associations" in inspect.getsource(acse.ACSE._negotiate_as_acceptor)
 
 
