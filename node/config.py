@@ -152,6 +152,8 @@ class Settings:
     http: "HTTP | None" = None  # the HTTP gateway ([http]); None: no HTTP server
     unlisted: str = "keep"  # "remove": attributes neither in Table E.1-1 nor on the safe list go
     ocr_all_images: bool = False  # burned_in = "ocr": read every image, not only the suspect ones
+    association_request_timeout: float = 5.0  # seconds from TCP connect to the A-ASSOCIATE-RQ
+    max_pending_per_address: int = 8  # connections per peer address not yet associated
 
     @property
     def mapping_key(self) -> Path:
@@ -289,6 +291,8 @@ NODE_KEYS: dict[str, tuple[Any, Any, Check | None]] = {
     "stop_timeout": (NUMBER, 30.0, _positive),
     "workers": ((str, int), "auto", _workers),
     "tls": (dict, {}, None),
+    "association_request_timeout": (NUMBER, 5.0, _positive),
+    "max_pending_per_address": (int, 8, _positive),
 }
 ANON_KEYS: dict[str, tuple[Any, Any, Check | None]] = {
     "profile_options": (list, [], _options),
@@ -491,6 +495,8 @@ def load(path: str | os.PathLike[str]) -> Settings:
         http=_http(path, raw.get("http"), base),
         unlisted=anon["unlisted"],
         ocr_all_images=anon["ocr_all_images"],
+        association_request_timeout=float(node["association_request_timeout"]),
+        max_pending_per_address=node["max_pending_per_address"],
     )
 
 

@@ -22,31 +22,32 @@ accepts in no syntax the node can produce fails at once. Every few instances
 a worker checks for higher-priority (STAT) work and yields to it. A paused
 destination keeps queueing and sends nothing. A spool file is deleted only
 after every destination has it (or gave up on it).
+
+What an operator sees: an outage is one warning (destination_down) and one info
+(destination_up), the attempts in between debug; a C-ECHO probe every
+PROBE_EVERY seconds ends a long backoff as soon as the remote answers; sent
+instances are recorded at least every RECORD_EVERY seconds within a batch.
 """
 
 from __future__ import annotations
 
-import queue
 import random
-import socket
 import ssl
 import threading
 import time
+import weakref
 from pathlib import Path
 from typing import Any
 
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, UID
-from pynetdicom import AE, _config, evt
+from pynetdicom import AE, evt
 
-from node import log, metrics, tls
+from node import log, metrics, net, tls
 from node.config import Destination
 from node.spool import Quarantine, Spool
 from node.store import Store
-
-# Send from the spooled file in PDU-sized chunks instead of decoding it into memory.
-_config.STORE_SEND_CHUNKED_DATASET = True
 
 #: Seconds an idle association stays open: instances that trickle in as a modality sends
 #: them share one association instead of paying for an association each.
@@ -57,45 +58,54 @@ UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 PREEMPT_EVERY = 8  # instances between checks for higher-priority work
 MAX_CONTEXTS = 128  # PS3.8: presentation context IDs are odd numbers 1..255
 
+#: While a destination is down, a C-ECHO every PROBE_EVERY seconds ends the backoff as soon as it
+#: answers: the backlog moves within seconds of the remote's return, whatever the backoff reached.
+PROBE_EVERY = 2.0
+VERIFICATION = "1.2.840.10008.1.1"  # the Verification SOP Class (C-ECHO)
+#: Sent instances are recorded (status, spool clean-up) at least this often within a batch, so
+#: `status` follows the remote's confirmations instead of jumping once per batch.
+RECORD_EVERY = 1.0
+
 #: Statuses that mean the remote stored the instance (PS3.4 B.2-1: success and warnings).
 STORED = {0x0000, 0x0001, 0xB000, 0xB006, 0xB007}
 
 
-def _nodelay(event: Any) -> None:
-    sock = getattr(event.assoc.dul.socket, "socket", None)
-    if sock is not None:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+class Health:
+    """Whether one destination is reachable, shared by its forwarder threads, so that an outage is
+    one warning when it starts and one info when it ends, not a line per attempt."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._down_since: float | None = None
+        self.attempts = 0  # failed attempts in the current outage
+        self.interrupted: set[str] = set()  # instances in flight when an association was lost
+
+    def failed(self) -> bool:
+        """An attempt failed; True for the first failure of an outage."""
+        with self._lock:
+            self.attempts += 1
+            if self._down_since is not None:
+                return False
+            self._down_since = time.monotonic()
+            return True
+
+    def recovered(self) -> float | None:
+        """An association came up; the outage's length in seconds if this ends one, else None."""
+        with self._lock:
+            if self._down_since is None:
+                return None
+            down_for, self._down_since, self.attempts = time.monotonic() - self._down_since, None, 0
+            return down_for
 
 
-#: P-DATA PDUs allowed to wait for the socket; pynetdicom's queue is unbounded, so a fast
-#: disk filled memory with a whole large instance ahead of a slower network.
-MAX_QUEUED_PDUS = 16
+#: Health per destination name, per store: the forwarders of one node share one Store object.
+_HEALTH: "weakref.WeakKeyDictionary[Store, dict[str, Health]]" = weakref.WeakKeyDictionary()
+_HEALTH_LOCK = threading.Lock()
 
 
-class _SendQueue(queue.Queue):  # type: ignore[type-arg]
-    """pynetdicom's DUL send queue with back-pressure: put() waits while it is full and the link lives.
-
-    Unbounded underneath (put never blocks inside the queue), so the DUL thread can never
-    deadlock on it; a link that stops draining releases the wait after the network timeout.
-    """
-
-    def __init__(self, assoc: Any, timeout: float) -> None:
-        super().__init__()
-        self.assoc = assoc
-        self.timeout = timeout
-
-    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
-        deadline = time.monotonic() + self.timeout
-        while self.qsize() >= MAX_QUEUED_PDUS and self.assoc.is_established and time.monotonic() < deadline:
-            time.sleep(0.0005)
-        super().put(item, block, timeout)
-
-
-def _bound_send_queue(assoc: Any, timeout: float) -> None:
-    """Swap in the bounded queue once the association is up (the old one is empty by then)."""
-    dul = assoc.dul
-    if dul.to_provider_queue.empty():
-        dul.to_provider_queue = _SendQueue(assoc, timeout)
+def _health(store: Store, name: str) -> Health:
+    with _HEALTH_LOCK:
+        return _HEALTH.setdefault(store, {}).setdefault(name, Health())
 
 
 class Forwarder:
@@ -113,6 +123,7 @@ class Forwarder:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"forward-{destination.name}-{worker}", daemon=True)
         self._backoff = 0  # consecutive transient failures
+        self._health = _health(store, destination.name)
         self._assoc: Any = None  # kept open while instances keep coming (see LINGER)
         self._proposed: set[tuple[str, str]] = set()
         self._tls: ssl.SSLContext | None = None
@@ -124,6 +135,7 @@ class Forwarder:
                 self._tls_error = f"{tls.describe(exc)} (loading the destination's TLS files)"
 
     def start(self) -> None:
+        net.configure()  # chunked sending from the spool (idempotent; serve calls it first)
         self._thread.start()
 
     def wake(self) -> None:
@@ -176,7 +188,38 @@ class Forwarder:
             self._backoff = 0
         else:
             self._close_quietly()
-            self._stop.wait(wait)
+            self._wait_or_probe(wait)
+
+    def _wait_or_probe(self, wait: float) -> None:
+        """Back off for `wait` seconds, but stop waiting as soon as a C-ECHO to the remote succeeds."""
+        deadline = time.monotonic() + wait
+        while True:
+            step = min(PROBE_EVERY, deadline - time.monotonic())
+            if step <= 0 or self._stop.wait(step):
+                return
+            if deadline - time.monotonic() > 0.5 and self._echo():
+                self.log.debug("destination_answers", probe="C-ECHO")
+                return
+
+    def _echo(self) -> bool:
+        """One C-ECHO association to the destination; True when it answered Success."""
+        d = self.destination
+        ae = AE(ae_title=self.ae_title)
+        ae.connection_timeout = ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = min(d.connect_timeout, 5.0)
+        ae.add_requested_context(VERIFICATION)
+        tls_args = (self._tls, tls.server_hostname(d.tls, d.host)) if self._tls is not None and d.tls else None
+        try:
+            assoc = ae.associate(d.host, d.port, ae_title=d.ae_title, tls_args=tls_args)
+        except (OSError, RuntimeError, ValueError):
+            return False
+        if not assoc.is_established:
+            return False
+        try:
+            status = assoc.send_c_echo()
+            return isinstance(status, Dataset) and status.get("Status") == 0x0000
+        finally:
+            if assoc.is_established:
+                assoc.release()
 
     def _idle(self) -> None:
         """Wait for work; an association left open is released after LINGER seconds without any."""
@@ -231,12 +274,19 @@ class Forwarder:
         for sop_class, syntax in contexts:
             ae.add_requested_context(sop_class, syntax)
         tls_args = (self._tls, tls.server_hostname(d.tls, d.host)) if self._tls is not None and d.tls else None
-        assoc = ae.associate(d.host, d.port, ae_title=d.ae_title, evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay)],
+        assoc = ae.associate(d.host, d.port, ae_title=d.ae_title, evt_handlers=[(evt.EVT_CONN_OPEN, net.set_nodelay)],
                              tls_args=tls_args)
         if assoc.is_established:
+            self._came_back()
             self._assoc, self._proposed = assoc, set(contexts)
-            _bound_send_queue(assoc, d.network_timeout)
+            net.bound_send_queue(assoc, d.network_timeout)
+            net.guard_reactor(assoc)
         return assoc
+
+    def _came_back(self) -> None:
+        down_for = self._health.recovered()
+        if down_for is not None:
+            self.log.info("destination_up", down_for_s=round(down_for, 1))
 
     def _reusable(self, contexts: list[tuple[str, str]]) -> bool:
         return self._assoc is not None and self._assoc.is_established and set(contexts) <= self._proposed
@@ -264,6 +314,7 @@ class Forwarder:
             return self._postpone(rows, self._not_established(assoc))
         sent: list[int] = []
         uids: list[str] = []
+        recorded, last_record = 0, time.monotonic()
         wait: float | None = None
         try:
             for index, row in enumerate(rows):
@@ -274,7 +325,11 @@ class Forwarder:
                 if outcome == "sent":
                     sent.append(row["id"])
                     uids.append(row["pseudo_sop_instance_uid"])
+                    if time.monotonic() - last_record >= RECORD_EVERY:  # status follows the remote
+                        self._record_sent(sent[recorded:], uids[recorded:])
+                        recorded, last_record = len(sent), time.monotonic()
                 elif outcome == "transient":
+                    self._health.interrupted.add(row["pseudo_sop_instance_uid"])
                     if reused and not sent:
                         # The remote dropped an association we kept open (idle timeout): reconnect now.
                         self.store.release([r["id"] for r in rows[index:]])
@@ -283,35 +338,44 @@ class Forwarder:
                     wait = self._postpone(rows[index:], "association lost while sending")
                     break
         finally:
-            with self.store.batch():  # one commit for the queue rows and their audit record
-                done = self.store.mark_sent(sent)
-                if sent:
-                    self.store.audit("forwarded", destination=self.destination.name, count=len(sent),
-                                     sop_instance_uids=uids, tls=self._tls is not None)
-            for path in done:
-                self.spool.remove(path)
-            metrics.count("forwarded", self.destination.name, len(sent))
+            self._record_sent(sent[recorded:], uids[recorded:])
         if sent:
             self.log.info("batch_sent", instances=len(sent), contexts=len(contexts), reused=reused,
                           tls=self._tls is not None)
         return wait
 
+    def _record_sent(self, ids: list[int], uids: list[str]) -> None:
+        """Mark rows sent, with their audit record in the same commit; drop spool files no one needs."""
+        if not ids:
+            return
+        with self.store.batch():
+            done = self.store.mark_sent(ids)
+            self.store.audit("forwarded", destination=self.destination.name, count=len(ids),
+                             sop_instance_uids=uids, tls=self._tls is not None)
+        for path in done:
+            self.spool.remove(path)
+        metrics.count("forwarded", self.destination.name, len(ids))
+
     def _not_established(self, assoc: Any) -> str:
         """Why the association did not come up; a TLS failure names the certificate problem."""
         if assoc.is_rejected:
-            return "association rejected"
-        failure = getattr(self._tls, "last_failure", None)
-        if failure:
-            self.log.warning("tls_failed", host=self.destination.host, port=self.destination.port, reason=failure)
-            return failure
-        return "remote unreachable or aborted"
+            return net.rejection(assoc)
+        return getattr(self._tls, "last_failure", None) or "remote unreachable or aborted"
 
     def _postpone(self, rows: list[dict[str, Any]], reason: str) -> float:
         """A transient, destination-wide problem: back to the queue, wait with backoff, count nothing."""
         wait = self._delay()
-        self.store.release([r["id"] for r in rows], wait)
+        # Due at once: the worker's own backoff (which a C-ECHO probe can end early) spaces the attempts.
+        self.store.release([r["id"] for r in rows])
         self.store.note_error(self.destination.name, reason)
-        self.log.warning("destination_unavailable", reason=reason, pending=len(rows), retry_in_s=round(wait, 1))
+        if self._health.failed():  # the one warning of this outage ("tls_failed" when TLS is the reason)
+            d = self.destination
+            event = "tls_failed" if reason.startswith("TLS") else "destination_down"
+            self.log.warning(event, reason=reason, host=d.host, port=d.port, pending=len(rows),
+                             retry_in_s=round(wait, 1))
+        else:
+            self.log.debug("destination_unavailable", reason=reason, pending=len(rows), retry_in_s=round(wait, 1),
+                           attempts=self._health.attempts)
         return wait
 
     def _preempted(self, index: int, row: dict[str, Any]) -> bool:
@@ -345,17 +409,20 @@ class Forwarder:
                 self.log.info("transcoded", sop_instance_uid=uid, from_syntax=row["transfer_syntax"], to_syntax=syntax)
                 status = assoc.send_c_store(dataset, priority=priority)
         except (OSError, RuntimeError) as exc:
-            self.log.warning("send_interrupted", sop_instance_uid=uid, error=type(exc).__name__)
+            self.log.info("send_interrupted", sop_instance_uid=uid, error=type(exc).__name__)
             return "transient"
         except Exception as exc:  # the spooled file is unreadable, or cannot be decompressed
             self._fail(row, f"cannot read or decompress the spooled instance ({type(exc).__name__})")
             return "refused"
         if not isinstance(status, Dataset) or "Status" not in status:
-            self.log.warning("send_interrupted", sop_instance_uid=uid, error="no response (timeout or abort)")
+            self.log.info("send_interrupted", sop_instance_uid=uid, error="no response (timeout or abort)")
             return "transient"
         code = int(status.Status)
         if code in STORED:
-            self.log.info("instance_sent", sop_instance_uid=uid, status=f"0x{code:04X}", bytes=row["size"])
+            resent = uid in self._health.interrupted  # the remote may have stored it the first time
+            self._health.interrupted.discard(uid)
+            self.log.info("instance_sent", sop_instance_uid=uid, status=f"0x{code:04X}", bytes=row["size"],
+                          **({"resent": True} if resent else {}))
             return "sent"
         comment = str(status.get("ErrorComment", "") or "").strip()
         reason = f"status 0x{code:04X}" + (f": {comment}" if comment else "")
@@ -391,6 +458,7 @@ class Forwarder:
                 "sop_instance_uid": row["pseudo_sop_instance_uid"], "sop_class_uid": row["sop_class_uid"],
                 "transfer_syntax": row["transfer_syntax"], "priority": row["priority"], "queue_id": row["id"],
             })
+        self._health.interrupted.discard(row["pseudo_sop_instance_uid"])
         for path in self.store.mark_failed(row["id"], reason):
             self.spool.remove(path)
         metrics.count("failed", self.destination.name)

@@ -43,20 +43,14 @@ from pydicom.uid import (
     RLELossless,
     UID,
 )
-from pynetdicom import AE, _config, acse, evt
+from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
-from pynetdicom.utils import make_target
 
-from node import log, tls
+from node import log, net, tls
 from node.config import TLS, Settings
 from node.pipeline import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, Pipeline
 from node.store import Store
-
-# Received data sets go straight to a temporary file instead of memory (large instances),
-# and storage classes pynetdicom does not know (private, newer than 3.0.4) are accepted too.
-_config.STORE_RECV_CHUNKED_DATASET = True
-_config.UNRESTRICTED_STORAGE_SERVICE = True
 
 #: Transfer syntaxes the node stores and forwards; pixel data is passed through, never decoded.
 TRANSFER_SYNTAXES: tuple[UID, ...] = (
@@ -77,56 +71,17 @@ TRANSFER_SYNTAXES: tuple[UID, ...] = (
 
 _log = log.get("scp")
 
-#: Presentation context result: transfer syntaxes not supported (PS3.8 9.3.3.2).
-TRANSFER_SYNTAXES_NOT_SUPPORTED = 0x04
-
-_negotiate_unrestricted = acse.negotiate_unrestricted
-
-
-def negotiate(rq_contexts: Any, ac_contexts: Any, roles: Any = None) -> Any:
-    """Unrestricted storage negotiation that accepts a transfer syntax the node can store.
-
-    pynetdicom's unrestricted service accepts the *first* proposed transfer
-    syntax of every storage context, even one the node would then have to
-    refuse instance by instance (JPEG XL, say), leaving the modality no
-    fallback. Here each context gets the first proposed syntax in
-    TRANSFER_SYNTAXES, or is rejected (0x04) so the sender can try another.
-    """
-    result, reply_roles = _negotiate_unrestricted(rq_contexts, ac_contexts, roles)
-    proposed = {cx.context_id: list(cx.transfer_syntax) for cx in rq_contexts}
-    for cx in result:
-        if cx.result != 0x00:
-            continue
-        ours = [ts for ts in proposed.get(cx.context_id, []) if ts in TRANSFER_SYNTAXES]
-        if ours:
-            cx.transfer_syntax = [ours[0]]
-        else:
-            cx.result = TRANSFER_SYNTAXES_NOT_SUPPORTED
-    return result, reply_roles
-
-
-acse.negotiate_unrestricted = negotiate  # pynetdicom's acse module calls it by this name
-
-
 def _peer(event: Any) -> dict[str, Any]:
     info = event.assoc.requestor
     return {"calling_aet": info.ae_title, "peer": f"{info.address}:{info.port}"}
 
 
 def _is_tls(event: Any) -> bool:
-    return isinstance(getattr(event.assoc.dul.socket, "socket", None), ssl.SSLSocket)
+    return net.is_tls(event.assoc)
 
 
 def _called_aet(event: Any) -> str:
-    primitive = event.assoc.requestor.primitive
-    return str(getattr(primitive, "called_ae_title", "") or "").strip()
-
-
-def _on_conn_open(event: Any) -> None:
-    # Nagle + delayed ACK adds ~40 ms to every C-STORE round trip; pynetdicom never disables it.
-    sock = event.assoc.dul.socket.socket
-    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return net.called_ae_title(event.assoc)
 
 
 def _on_accepted(event: Any, store: Store) -> None:
@@ -153,7 +108,17 @@ def _on_released(event: Any) -> None:
 
 
 def _on_aborted(event: Any) -> None:
-    _log.warning("association_aborted", **_peer(event))
+    net.discard_partial(event.assoc)  # the original of a C-STORE cut short, at once
+    if net.violation(event.assoc) is not None:  # the guard sent the A-ABORT and logged its one line
+        return
+    if event.assoc.requestor.primitive is None:  # a connection that never associated (a port probe)
+        _log.debug("connection_closed", peer=_peer(event)["peer"])
+    else:
+        _log.warning("association_aborted", **_peer(event))
+
+
+def _on_conn_close(event: Any) -> None:
+    net.discard_partial(event.assoc)
 
 
 def _status(code: int, comment: str = "") -> Dataset:
@@ -184,10 +149,34 @@ def make_store_handler(pipeline: Pipeline, data_dir: Path | None = None, min_fre
     return on_store
 
 
+UNLIMITED = 1 << 30
+
+
+def admission(settings: Settings) -> net.Admission:
+    """[node] limits: workers × max_associations slots shared by the workers, the A-ASSOCIATE-RQ
+    deadline, and the cap on not-yet-associated connections per peer address."""
+    slots = net.Slots(settings.data_dir / "slots", settings.workers * settings.max_associations)
+    return net.Admission(slots, settings.association_request_timeout, settings.acse_timeout,
+                         settings.max_pending_per_address)
+
+
+def _on_requested(event: Any, gate: net.Admission, store: Store) -> None:
+    if gate.requested(event):
+        return
+    peer = {"calling_aet": net.calling_ae_title(event.assoc), "peer": _peer(event)["peer"]}
+    reason = "too many associations"
+    store.audit("association", **peer, called_aet=_called_aet(event), tls=_is_tls(event), accepted=False,
+                reason=reason)
+    _log.warning("association_rejected", **peer, tls=_is_tls(event), reason=reason)
+    net.reject_busy(event.assoc)
+
+
 def build_ae(settings: Settings) -> AE:
     """An AE configured from [node]: title, limits, timeouts, PDU size, allowed calling AEs."""
     ae = AE(ae_title=settings.ae_title)
-    ae.maximum_associations = settings.max_associations
+    # The limit is net.Slots' (associations of all workers, taken at the A-ASSOCIATE-RQ); pynetdicom's
+    # own would count every open socket of this worker, idle ones included.
+    ae.maximum_associations = UNLIMITED
     ae.acse_timeout = settings.acse_timeout
     ae.dimse_timeout = settings.dimse_timeout
     ae.network_timeout = settings.network_timeout
@@ -197,16 +186,7 @@ def build_ae(settings: Settings) -> AE:
     return ae
 
 
-class _Server(ThreadedAssociationServer):
-    """pynetdicom's threaded server, its socket bound with SO_REUSEPORT: worker processes share the port."""
-
-    # socketserver's default backlog of 5 drops SYNs when a PACS opens a burst of associations
-    # (clients then wait out a retransmission timeout, 1 s and more).
-    request_queue_size = 128
-
-    def server_bind(self) -> None:
-        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        super().server_bind()
+_Server = net.Server
 
 
 class _TLSServer(_Server):
@@ -293,16 +273,7 @@ class Listeners:
             server.shutdown()
 
 
-def _serve(ae: AE, address: tuple[str, int], handlers: list, server_class: type, **attributes: Any) -> Any:
-    """ae.start_server(block=False), but with our server class (start_server takes none)."""
-    server = ae.make_server(address, evt_handlers=handlers, server_class=server_class)
-    for name, value in attributes.items():  # before the first connection can arrive
-        setattr(server, name, value)
-    thread = threading.Thread(target=make_target(server.serve_forever), name=f"AcceptorServer@{address[1]}",
-                              daemon=True)
-    thread.start()
-    ae._servers.append(server)  # what AE.start_server does: server.shutdown() removes it again
-    return server
+_serve = net.serve
 
 
 def _serve_tls(ae: AE, settings: Settings, config: TLS, handlers: list, store: Store) -> Any:
@@ -317,14 +288,22 @@ def _serve_tls(ae: AE, settings: Settings, config: TLS, handlers: list, store: S
 
 def start(settings: Settings, pipeline: Pipeline) -> Listeners:
     """Start the plain and/or TLS listeners of [node] / [node.tls] in background threads."""
+    net.configure(TRANSFER_SYNTAXES)
     ae = build_ae(settings)
     store = pipeline.store
+    gate = admission(settings)
     handlers = [
-        (evt.EVT_CONN_OPEN, _on_conn_open),
+        (evt.EVT_CONN_OPEN, net.set_nodelay),
+        (evt.EVT_CONN_OPEN, net.guard_pdus),
+        (evt.EVT_CONN_OPEN, gate.opened),
+        (evt.EVT_REQUESTED, _on_requested, [gate, store]),
+        (evt.EVT_CONN_CLOSE, _on_conn_close),
         (evt.EVT_ACCEPTED, _on_accepted, [store]),
         (evt.EVT_REJECTED, _on_rejected, [store]),
         (evt.EVT_RELEASED, _on_released),
         (evt.EVT_ABORTED, _on_aborted),
+        *[(event, gate.ended) for event in (evt.EVT_CONN_CLOSE, evt.EVT_REJECTED, evt.EVT_RELEASED,
+                                            evt.EVT_ABORTED)],
         (evt.EVT_C_STORE, make_store_handler(pipeline, settings.data_dir, settings.min_free_mb * 1024 * 1024)),
     ]
     plain = settings.tls is None or settings.tls.port != settings.port  # tls.port == port: TLS only

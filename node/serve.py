@@ -25,7 +25,6 @@ import multiprocessing
 import os
 import signal
 import socket
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -33,7 +32,7 @@ from pathlib import Path
 from multiprocessing.connection import Connection, wait
 from typing import Any, Callable, Sequence
 
-from node import __version__, config, log, metrics, returnpath
+from node import __version__, config, log, metrics, net, returnpath
 from node.forward import Forwarder
 from node.spool import Quarantine, Spool
 from node.store import Store
@@ -61,6 +60,7 @@ def run(parts: Parts, stop: threading.Event) -> None:
     """Serve until `stop` is set; raise StartError if the node cannot start."""
     settings, store = parts.settings, parts.store
     logger = log.get("node")
+    net.configure()
     _probe_ports(settings)
     recovered = store.recover()
     spool = Spool(settings.spool_dir)
@@ -282,10 +282,10 @@ def _worker_main(index: int, settings: config.Settings, open_worker: Callable[..
                 pass
 
     incoming = _incoming(settings, index)
-    tempfile.tempdir = str(incoming)  # where pynetdicom writes the data sets it receives
+    net.use_incoming_dir(incoming)  # where pynetdicom writes the data sets it receives
     try:
         pipeline, store = open_worker(settings, lambda: tell(QUEUED))
-        from node import scp  # imported here: it switches pynetdicom to chunked, unrestricted storage
+        from node import scp
 
         server = scp.start(settings, pipeline)
     except Exception as exc:  # noqa: BLE001 - reported to the supervisor, which exits with it

@@ -5,7 +5,7 @@ accepts); `client_context` is one destination's (the CA that signs the remote, a
 client certificate). `describe` turns an ssl failure into a short reason for logs, audit
 records and the queue's last_error (never PHI: TLS failures carry names and reasons only).
 A client context records the TLS failure of its last connect in `.last_failure`, because
-pynetdicom swallows it and only reports "not established".
+pynetdicom swallows it and only reports "not established" (net.record_tls_failures).
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from __future__ import annotations
 import re
 import socket
 import ssl
-from typing import Any
 
+from node import net
 from node.config import TLS
 
 VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
@@ -42,21 +42,6 @@ def server_context(tls: TLS) -> ssl.SSLContext:
     return context
 
 
-class _RecordingSocket(ssl.SSLSocket):
-    """Keeps the reason of a failed TLS handshake on its context (pynetdicom only logs it)."""
-
-    def connect(self, address: Any) -> None:
-        self.context.last_failure = None  # type: ignore[attr-defined]
-        super().connect(address)
-
-    def do_handshake(self, block: bool = False) -> None:
-        try:
-            super().do_handshake(block)
-        except (ssl.SSLError, TimeoutError) as exc:
-            self.context.last_failure = describe(exc)  # type: ignore[attr-defined]
-            raise
-
-
 def client_context(tls: TLS) -> ssl.SSLContext:
     """A destination's context: the remote verified against ca_certificates (the system store when
     None) and, when verify_hostname, its certificate must name the host (or server_name)."""
@@ -68,8 +53,7 @@ def client_context(tls: TLS) -> ssl.SSLContext:
     context.check_hostname = tls.verify_hostname
     if tls.certificate is not None:
         context.load_cert_chain(str(tls.certificate), str(tls.private_key))
-    context.sslsocket_class = _RecordingSocket
-    context.last_failure = None  # type: ignore[attr-defined]
+    net.record_tls_failures(context, describe)
     return context
 
 

@@ -32,6 +32,7 @@ CT_SMALL = get_testdata_file("CT_small.dcm")
 FAST = dict(retry_delay=0.2, retry_multiplier=2.0, max_retry_delay=0.5, connect_timeout=3.0, acse_timeout=5.0,
             dimse_timeout=10.0, network_timeout=10.0)
 DOWN = "remote unreachable or aborted"
+REJECTED = "association rejected: Called AE title not recognised (permanent, service user)"
 MR = "1.2.840.10008.5.1.4.1.1.4"
 
 
@@ -408,7 +409,7 @@ def test_rejected_association_keeps_rows_pending(harness):
     uids = [q.add() for _ in range(3)]
     remote = harness.remote(ae_title="REMOTE", require_called_aet=True).start()
     wrong = harness.forwarder(q, remote.port, ae_title="WRONGAE")
-    assert wait_for(lambda: q.store.status()["remote"]["last_error"] == "association rejected", 15), \
+    assert wait_for(lambda: q.store.status()["remote"]["last_error"] == REJECTED, 15), \
         q.store.status()
     time.sleep(0.8)
     assert remote.received == []
