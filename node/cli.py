@@ -18,17 +18,19 @@ import json
 import os
 import resource
 import signal
+import sqlite3
 import sys
 import tempfile
 import threading
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-from node import __version__, config, log, serve
+from node import __version__, backup, config, datadir, log, serve
 from node.deid import Deidentifier, Pseudonymizer, load_or_create_key
 from node.deid.guard import Guard
 from node.deid.pseudonyms import KeyFileError
 from node.keys import MappingKeyError, check_private
+from node.lock import DataDirInUse, DataDirLock
 from node.pipeline import Held, Pipeline, Rejected, Safeguards
 from node.routing import Router
 from node.spool import Quarantine, Spool, atomic_write, copier
@@ -37,6 +39,7 @@ from node.store import Store, empty_status
 EXIT_CONFIG = 2
 EXIT_UNKNOWN = 1  # reidentify: no such pseudonym
 EXIT_REFUSED = 3  # a privileged act refused by [security] operators
+EXIT_NO_STORE = 4  # a command that reads, on a data_dir no node has used
 
 
 class Fatal(Exception):
@@ -101,6 +104,41 @@ def _store(settings: config.Settings) -> Store:
     except OSError as exc:
         raise Fatal(f"telenode: cannot open mapping store {settings.database} or its audit file: "
                     f"{exc.strerror}", 1) from None
+    except sqlite3.Error as exc:  # not a database, corrupt, newer schema: SQLite's words carry no PHI
+        raise Fatal(f"telenode: cannot open mapping store {settings.database}: {exc}: restore it from a "
+                    "backup (README: Backup and restore) or move it away to start a new one", 1) from None
+
+
+def _reader(settings: config.Settings) -> Store:
+    """The store for a command that reads: never creates a data_dir, a database or a mapping key."""
+    try:
+        datadir.require_used(settings.data_dir, settings.database, settings.path)
+    except datadir.DataDirError as exc:
+        raise Fatal(f"telenode: {exc}", EXIT_NO_STORE) from None
+    if not settings.mapping_key.exists():
+        raise Fatal(f"telenode: configuration error: {settings.path}: security.mapping_key_file: "
+                    f"{settings.mapping_key} is missing: restore it from the backup (without it the stored "
+                    "originals cannot be decrypted)")
+    return _store(settings)
+
+
+def _writable(settings: config.Settings) -> None:
+    """serve and anonymize: data_dir created if missing, and writable."""
+    try:
+        datadir.prepare(settings.data_dir)
+    except datadir.DataDirError as exc:
+        raise Fatal(f"telenode: configuration error: {settings.path}: node.data_dir: {exc}") from None
+
+
+def _lock(settings: config.Settings) -> DataDirLock:
+    """One node per data_dir, taken before anything touches the store, the spool or incoming/."""
+    try:
+        return DataDirLock(settings.data_dir).acquire()
+    except DataDirInUse as exc:
+        raise Fatal(f"telenode: {exc}") from None
+    except OSError as exc:
+        raise Fatal(f"telenode: configuration error: {settings.path}: node.data_dir: "
+                    f"cannot lock {settings.data_dir}: {exc.strerror}") from None
 
 
 def _check_keys(settings: config.Settings) -> None:
@@ -121,15 +159,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
         signal.signal(signum, lambda *_: stop.set())
     settings = _settings(args)
     log.configure(settings.log_format, settings.log_level)
-    _deidentifier(settings)  # a missing, unreadable or exposed key stops the node here, not in a worker
-    _private_tempdir(settings.incoming_dir)
-    store = _store(settings)
+    _writable(settings)
+    held = _lock(settings)
     try:
-        serve.run(serve.Parts(settings, store, open_worker), stop)
-    except serve.StartError as exc:
-        raise Fatal(f"telenode: {exc}", 1) from None
+        _deidentifier(settings)  # a missing, unreadable or exposed key stops the node here, not in a worker
+        _private_tempdir(settings.incoming_dir)
+        store = _store(settings)
+        try:
+            serve.run(serve.Parts(settings, store, open_worker), stop)
+        except serve.StartError as exc:
+            raise Fatal(f"telenode: {exc}", 1) from None
+        finally:
+            store.close()
     finally:
-        store.close()
+        held.release()
     return 0
 
 
@@ -168,6 +211,7 @@ def cmd_anonymize(args: argparse.Namespace) -> int:
     settings = _settings(args)
     log.configure(settings.log_format, settings.log_level)
     logger = log.get("anonymize")
+    _writable(settings)
     deidentifier = _deidentifier(settings)
     store = _store(settings)
     output = Path(args.output)
@@ -236,7 +280,7 @@ def cmd_reidentify(args: argparse.Namespace) -> int:
     settings = _settings(args)
     log.configure(settings.log_format, settings.log_level)
     _check_keys(settings)
-    store = _store(settings)
+    store = _reader(settings)
     try:
         who = _privileged(args, settings, store, "reidentify", **_asked(settings, args.value, None))
         found = _lookup(store, args.value)
@@ -270,7 +314,7 @@ def _lookup(store: Store, value: str) -> dict[str, Any] | None:
 
 def cmd_status(args: argparse.Namespace) -> int:
     settings = _settings(args)
-    store = _store(settings)
+    store = _reader(settings)
     try:
         queues = store.status()
     finally:
@@ -310,7 +354,7 @@ def cmd_pause(args: argparse.Namespace) -> int:
     settings = _settings(args)
     name = _destination_name(settings, args.destination)
     paused = args.command == "pause"
-    store = _store(settings)
+    store = _reader(settings)
     try:
         store.set_paused(name, paused)
         store.audit("destination_paused" if paused else "destination_resumed", destination=name, operator=_operator(args))
@@ -352,7 +396,7 @@ def cmd_quarantine_show(args: argparse.Namespace) -> int:
     log.configure(settings.log_format, settings.log_level)
     _check_keys(settings)
     quarantine, entry = _held(settings, args.id)
-    store = _store(settings)
+    store = _reader(settings)
     try:
         who = _privileged(args, settings, store, "quarantine_show", quarantine_id=args.id)
         store.audit("quarantine_show", **who, quarantine_id=args.id, kind=entry.get("kind"))
@@ -381,7 +425,7 @@ def cmd_quarantine_export(args: argparse.Namespace) -> int:
     target = Path(args.output)
     if target.exists():
         raise Fatal(f"telenode: {target} exists; not overwritten", 1)
-    store = _store(settings)
+    store = _reader(settings)
     try:
         who = _privileged(args, settings, store, "quarantine_export", quarantine_id=args.id)
         store.audit("quarantine_export", **who, quarantine_id=args.id, kind=entry.get("kind"), output=str(target))
@@ -398,7 +442,7 @@ def cmd_keys_rotate(args: argparse.Namespace) -> int:
     settings = _settings(args)
     log.configure(settings.log_format, settings.log_level)
     _check_keys(settings)
-    store = _store(settings)
+    store = _reader(settings)
     try:
         result = store.rotate_mapping_key()
         store.audit("mapping_key_rotated", operator=_operator(args), **result)
@@ -414,7 +458,7 @@ def cmd_keys_status(args: argparse.Namespace) -> int:
     """Key ids in the mapping keyring (never the keys) and how many stored originals each encrypts."""
     settings = _settings(args)
     _check_keys(settings)
-    store = _store(settings)
+    store = _reader(settings)
     try:
         usage = store.key_usage()
         ring = [f"{kid:08x}" for kid in store.ring.ids]
@@ -428,7 +472,7 @@ def cmd_keys_status(args: argparse.Namespace) -> int:
 def cmd_audit_verify(args: argparse.Namespace) -> int:
     """Walk the audit hash chain: 0 if intact, 1 naming the first bad record."""
     settings = _settings(args)
-    store = _store(settings)
+    store = _reader(settings)
     try:
         verdict = store.verify_audit()
     finally:
@@ -445,13 +489,32 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
 def cmd_audit_show(args: argparse.Namespace) -> int:
     """Audit records as JSON lines, oldest first (pseudonyms and operator facts only)."""
     settings = _settings(args)
-    store = _store(settings)
+    store = _reader(settings)
     try:
         records = store.audit_log(args.event, args.limit)
     finally:
         store.close()
     for record in records:
         print(json.dumps(record, sort_keys=True))
+    return 0
+
+
+def cmd_backup(args: argparse.Namespace) -> int:
+    """A consistent copy of the mapping store while the node runs (audited: who took a copy, where)."""
+    settings = _settings(args)
+    output = Path(args.output).resolve()
+    store = _reader(settings)
+    try:
+        store.audit("backup", operator=_operator(args), output=str(output))  # in the copy too
+    finally:
+        store.close()
+    try:
+        made = backup.backup(settings.database, output)
+    except backup.BackupError as exc:
+        raise Fatal(f"telenode: backup: {exc}", 1) from None
+    print(json.dumps({"backup": str(made.path), "bytes": made.bytes, "schema": made.schema,
+                      "audit_records": made.audit_records,
+                      "not_included": [str(settings.key_file), str(settings.mapping_key)]}, sort_keys=True))
     return 0
 
 
@@ -464,7 +527,7 @@ def cmd_quarantine_retry(args: argparse.Namespace) -> int:
     ids = [e["id"] for e in quarantine.entries()] if args.all else args.ids
     if not ids:
         raise Fatal("telenode: quarantine retry needs IDs or --all", 1)
-    store = _store(settings)
+    store = _reader(settings)
     spool = Spool(settings.spool_dir)
     pipeline = Pipeline(_deidentifier(settings), store, spool, [d.name for d in settings.destinations],
                         safeguards=_safeguards(settings), router=Router(settings.routes, settings.destinations))
@@ -542,6 +605,10 @@ def parser() -> argparse.ArgumentParser:
         sub.set_defaults(func=func)
         return sub
 
+    copy = command("backup", "a consistent copy of the mapping store, also while the node runs")
+    copy.add_argument("--output", "-o", required=True, metavar="FILE", help="a new file (never overwritten)")
+    _operator_option(copy)
+    copy.set_defaults(func=cmd_backup)
     quarantine = _group(commands, "quarantine", "instances held back: list, show, export, retry")
     action(quarantine, "list", "what is held and why", cmd_quarantine_list).add_argument("--json", action="store_true")
     retry = action(quarantine, "retry", "queue failed sends again; re-run held originals through the pipeline",

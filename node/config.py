@@ -147,6 +147,7 @@ class Settings:
     audit_file: Path | None = None  # audit records also appended here as JSON lines (for a SIEM)
     audit_syslog: str = ""  # audit records also sent to syslog: "/dev/log", "host:port" (UDP)
     warnings: tuple[str, ...] = ()  # valid but risky settings, logged at start
+    retention_sent_days: float = 0.0  # [retention] sent_days: queue rows of delivered instances kept; 0 = forever
 
     @property
     def mapping_key(self) -> Path:
@@ -314,6 +315,9 @@ SECURITY_KEYS: dict[str, tuple[Any, Any, Check | None]] = {
     "audit_file": (str, "", None),
     "audit_syslog": (str, "", None),
 }
+RETENTION_KEYS: dict[str, tuple[Any, Any, Check | None]] = {
+    "sent_days": (NUMBER, 0, lambda v: None if v >= 0 else "must be 0 (keep forever) or a number of days"),
+}
 ROUTE_KEYS: dict[str, tuple[Any, Any, Check | None]] = {
     "name": (str, "", None),
     "destinations": (list, [], None),
@@ -384,7 +388,7 @@ def load(path: str | os.PathLike[str]) -> Settings:
         raise ConfigError(f"{path}: cannot read config file ({exc.strerror})") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML ({exc})") from None
-    known = {"node", "anonymization", "destinations", "routes", "security"}
+    known = {"node", "anonymization", "destinations", "routes", "security", "retention"}
     for key in raw:
         if key not in known:
             raise ConfigError(f"{path}: {key}: unknown section (known: {', '.join(sorted(known))})")
@@ -392,6 +396,7 @@ def load(path: str | os.PathLike[str]) -> Settings:
     node = _section(path, "node", raw.get("node", {}), NODE_KEYS)
     anon = _section(path, "anonymization", raw.get("anonymization", {}), ANON_KEYS)
     security = _section(path, "security", raw.get("security", {}), SECURITY_KEYS)
+    retention = _section(path, "retention", raw.get("retention", {}), RETENTION_KEYS)
     destinations = _destinations(path, raw.get("destinations"), base)
     routes = _routes(path, raw.get("routes", []), {d.name for d in destinations})
     key_file = _resolve(base, anon["key_file"])
@@ -428,6 +433,7 @@ def load(path: str | os.PathLike[str]) -> Settings:
         audit_file=_resolve(base, security["audit_file"]) if security["audit_file"] else None,
         audit_syslog=security["audit_syslog"],
         warnings=_warnings(destinations),
+        retention_sent_days=float(retention["sent_days"]),
     )
 
 

@@ -35,6 +35,7 @@ from typing import Any, Callable, Sequence
 
 from node import __version__, config, log
 from node.forward import Forwarder
+from node.retention import Retention
 from node.spool import Quarantine, Spool
 from node.store import Store
 
@@ -69,6 +70,7 @@ def run(parts: Parts, stop: threading.Event) -> None:
     forwarders = [Forwarder(d, store, spool, settings.ae_title, quarantine, worker)
                   for d in settings.destinations for worker in range(d.parallel)]
     pool = _Workers(parts)
+    retention = Retention(store, settings.retention_sent_days)
     try:
         pool.start()
         for forwarder in forwarders:
@@ -84,6 +86,7 @@ def run(parts: Parts, stop: threading.Event) -> None:
                 for forwarder in forwarders:
                     forwarder.wake()
             pool.restart_dead()
+            retention.tick()
     finally:
         _stop(pool, forwarders, time.monotonic() + settings.stop_timeout)
     store.audit("node_stopped")

@@ -560,6 +560,22 @@ class Store:
                 "last_error": None,
             })
 
+    def prune_sent(self, before: float, batch: int = 5000) -> int:
+        """Delete the queue rows of instances delivered before `before` (epoch seconds), `batch` rows
+        per transaction (the workers' commits wait for none longer than that); audited with the count.
+        Mappings and the audit trail are never pruned."""
+        count = 0
+        while True:
+            with self._lock, self._tx():
+                done = self.db.execute("DELETE FROM queue WHERE id IN (SELECT id FROM queue WHERE status = ? "
+                                       "AND updated < ? LIMIT ?)", [SENT, before, batch]).rowcount
+            count += done
+            if done < batch:
+                break
+        if count:
+            self.audit("queue_pruned", rows=count, sent_before=_iso(before))
+        return count
+
     def note_error(self, destination: str, error: str) -> None:
         """Remember a destination-wide problem (remote down, refusing associations), for `status`."""
         with self._lock, self._tx():
