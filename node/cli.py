@@ -25,7 +25,7 @@ import threading
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-from node import __version__, backup, config, datadir, log, serve
+from node import __version__, backup, config, datadir, health, log, serve
 from node.deid import Deidentifier, Pseudonymizer, load_or_create_key
 from node.deid.guard import Guard
 from node.deid.pseudonyms import KeyFileError
@@ -518,6 +518,17 @@ def cmd_backup(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_echo(args: argparse.Namespace) -> int:
+    """C-ECHO to the node's own listener: exit 0 when it answers (the container's HEALTHCHECK)."""
+    settings = _settings(args)
+    try:
+        result = health.echo(settings, args.timeout)
+    except ValueError as exc:
+        raise Fatal(f"telenode: echo: {exc}", 1) from None
+    print(json.dumps({"healthy": result.healthy, "detail": result.detail}))
+    return 0 if result.healthy else 1
+
+
 def cmd_quarantine_retry(args: argparse.Namespace) -> int:
     """Release held instances: failed sends are queued again; held originals go through the pipeline again
     (with today's configuration: a new pixel rule, another burned-in policy) and stay held if still refused."""
@@ -609,6 +620,9 @@ def parser() -> argparse.ArgumentParser:
     copy.add_argument("--output", "-o", required=True, metavar="FILE", help="a new file (never overwritten)")
     _operator_option(copy)
     copy.set_defaults(func=cmd_backup)
+    check = command("echo", "C-ECHO the node's own listener; exit 0 if it answers (health check)")
+    check.add_argument("--timeout", type=float, default=10.0, metavar="S", help="seconds (default 10)")
+    check.set_defaults(func=cmd_echo)
     quarantine = _group(commands, "quarantine", "instances held back: list, show, export, retry")
     action(quarantine, "list", "what is held and why", cmd_quarantine_list).add_argument("--json", action="store_true")
     retry = action(quarantine, "retry", "queue failed sends again; re-run held originals through the pipeline",

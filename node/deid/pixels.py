@@ -27,6 +27,7 @@ from typing import Any, Sequence
 from pydicom.dataset import FileDataset
 from pydicom.uid import ExplicitVRLittleEndian
 
+from node import codecs
 from node.config import PixelRule
 
 CLEAN_PIXEL_DATA = {"code": "113101", "meaning": "Clean Pixel Data Option"}
@@ -111,6 +112,7 @@ def blank(ds: FileDataset, rectangles: Sequence[tuple[int, int, int, int]]) -> N
     """
     syntax = ds.file_meta.TransferSyntaxUID
     if syntax.is_compressed:
+        codecs.require(syntax)  # NoDecoderInstalled: the JPEG extra is not installed (see node/codecs.py)
         ds.decompress(generate_instance_uid=False)  # native; photometric interpretation updated (YBR → RGB)
         syntax = ds.file_meta.TransferSyntaxUID
     pixels: Any = ds.pixel_array.copy()  # YBR comes back as RGB
