@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import getpass
-import hashlib
 import json
 import os
 import resource
@@ -25,13 +23,14 @@ import threading
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-from node import __version__, backup, config, datadir, health, log, serve
+from node import __version__, backup, config, datadir, health, log, privileged, serve
 from node.deid import Deidentifier, Pseudonymizer, load_or_create_key
 from node.deid.guard import Guard
 from node.deid.pseudonyms import KeyFileError
 from node.keys import MappingKeyError, check_private
 from node.lock import DataDirInUse, DataDirLock
 from node.pipeline import Held, Pipeline, Rejected, Safeguards
+from node.release import Releaser
 from node.routing import Router
 from node.spool import Quarantine, Spool, atomic_write, copier
 from node.store import Store, empty_status
@@ -241,39 +240,26 @@ def cmd_anonymize(args: argparse.Namespace) -> int:
     return 0 if failed == 0 and done > 0 else 1
 
 
-def _os_user() -> str:
-    try:
-        return getpass.getuser()
-    except (KeyError, OSError):  # no passwd entry (containers)
-        return f"uid {os.getuid()}"
-
-
 def _privileged(args: argparse.Namespace, settings: config.Settings, store: Store, event: str,
                 **facts: Any) -> dict[str, Any]:
-    """Who asks and why, checked against [security] operators; a refusal is audited, then exits 3.
+    """node/privileged.py decides and audits a refusal (exit 3); returns the audit facts of the act."""
+    request = _request(args)
+    try:
+        who = privileged.authorize(store, settings.operators, event, request, **facts)
+    except privileged.Refused as exc:
+        raise Fatal(f"telenode: {exc}", EXIT_REFUSED) from None
+    _warn_no_reason(request, event)
+    return who
 
-    Returns the audit facts (operator, where it came from, the OS user, reason) for the act's record."""
-    given = args.operator or os.environ.get("TELENODE_OPERATOR")
-    source = "flag" if args.operator else "env" if given else "os_user"
-    operator = given or _os_user()
-    reason = args.reason or os.environ.get("TELENODE_REASON") or None
-    who = {"operator": operator, "operator_source": source, "os_user": _os_user(), "reason": reason,
-           "reason_given": reason is not None}
-    refusal = ""
-    if settings.operators:
-        if not given:
-            refusal = "an operator must be named (--operator or TELENODE_OPERATOR)"
-        elif operator not in settings.operators:
-            refusal = f"operator {operator!r} is not in [security] operators"
-        elif reason is None:
-            refusal = "a reason is required (--reason or TELENODE_REASON)"
-    if refusal:
-        store.audit(f"{event}_refused", **who, **facts, refused=refusal)
-        raise Fatal(f"telenode: {event} refused: {refusal}", EXIT_REFUSED)
-    if reason is None:
+
+def _request(args: argparse.Namespace) -> privileged.Request:
+    return privileged.Request.from_environment(args.operator, args.reason)
+
+
+def _warn_no_reason(request: privileged.Request, event: str) -> None:
+    if request.reason is None:
         print(f"telenode: warning: no reason given for {event} (--reason or TELENODE_REASON); "
               "recorded as not given", file=sys.stderr)
-    return who
 
 
 def cmd_reidentify(args: argparse.Namespace) -> int:
@@ -281,35 +267,21 @@ def cmd_reidentify(args: argparse.Namespace) -> int:
     log.configure(settings.log_format, settings.log_level)
     _check_keys(settings)
     store = _reader(settings)
+    request = _request(args)
     try:
-        who = _privileged(args, settings, store, "reidentify", **_asked(settings, args.value, None))
-        found = _lookup(store, args.value)
-        # Audited (committed) before anything is answered, found or not.
-        store.audit("reidentify", **who, **_asked(settings, args.value, found is not None), found=found is not None)
+        found = privileged.reidentify(store, settings.operators, settings.organization, request, args.value)
+    except privileged.Refused as exc:
+        raise Fatal(f"telenode: {exc}", EXIT_REFUSED) from None
+    except MappingKeyError as exc:
+        raise Fatal(f"telenode: cannot decrypt the originals of {args.value!r}: {exc}", 1) from None
     finally:
         store.close()
+    _warn_no_reason(request, "reidentify")
     if found is None:
         print(f"telenode: unknown pseudonym {args.value!r}", file=sys.stderr)
         return EXIT_UNKNOWN
     print(json.dumps({k: v for k, v in found.items() if v not in (None, "")}, indent=2, sort_keys=True))
     return 0
-
-
-def _asked(settings: config.Settings, value: str, found: bool | None) -> dict[str, str]:
-    """What the audit records of a re-identification request: the value when it is (or, before the
-    lookup, looks like) one of our pseudonyms; otherwise — an original typed by mistake is PHI —
-    only a digest, enough to correlate repeated attempts."""
-    ours = value.startswith((f"{settings.organization}-", "2.25.")) if found is None else found
-    if ours:
-        return {"pseudonym": value}
-    return {"value_sha256": hashlib.sha256(value.encode("utf-8", "replace")).hexdigest()[:16]}
-
-
-def _lookup(store: Store, value: str) -> dict[str, Any] | None:
-    try:
-        return store.lookup(value)
-    except MappingKeyError as exc:
-        raise Fatal(f"telenode: cannot decrypt the originals of {value!r}: {exc}", 1) from None
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -365,7 +337,7 @@ def cmd_pause(args: argparse.Namespace) -> int:
 
 
 def _operator(args: argparse.Namespace) -> str:
-    return getattr(args, "operator", None) or os.environ.get("TELENODE_OPERATOR") or _os_user()
+    return privileged.operator_name(getattr(args, "operator", None))
 
 
 def cmd_quarantine_list(args: argparse.Namespace) -> int:
@@ -542,43 +514,19 @@ def cmd_quarantine_retry(args: argparse.Namespace) -> int:
     spool = Spool(settings.spool_dir)
     pipeline = Pipeline(_deidentifier(settings), store, spool, [d.name for d in settings.destinations],
                         safeguards=_safeguards(settings), router=Router(settings.routes, settings.destinations))
-    released = held = 0
+    releaser = Releaser(quarantine, store, spool, pipeline, [d.name for d in settings.destinations])
     try:
-        for qid in ids:
-            entry = quarantine.get(qid)
-            if entry is None:
-                print(f"{qid}: not in quarantine", file=sys.stderr)
-                held += 1
-                continue
-            ok, why = _release(entry, quarantine, store, spool, pipeline, settings)
-            store.audit("quarantine_retry", quarantine_id=qid, kind=entry.get("kind"), released=ok,
-                        operator=_operator(args))
-            if ok:
-                quarantine.remove(qid)
-                released += 1
-            else:
-                held += 1
-            print(f"{qid}: {'released' if ok else 'still held: ' + why}")
+        results = releaser.release_all(ids, _operator(args))
     finally:
         store.close()
-    print(json.dumps({"released": released, "held": held}))
-    return 0 if held == 0 else 1
-
-
-def _release(entry: dict, quarantine: Quarantine, store: Store, spool: Spool, pipeline: Pipeline,
-             settings: config.Settings) -> tuple[bool, str]:
-    source = quarantine.file(entry["id"])
-    if entry.get("kind") == "send_failed":
-        destination = entry.get("destination", "")
-        if destination not in {d.name for d in settings.destinations}:
-            return False, f"destination {destination!r} is no longer configured"
-        target = spool.path_for(entry["sop_instance_uid"])
-        size = spool.write(target, copier(source))
-        store.requeue(destination, {**entry, "path": str(target), "size": size,
-                                    "pseudo_sop_instance_uid": entry["sop_instance_uid"]})
-        return True, ""
-    outcome = pipeline.receive(source, calling_aet=entry.get("calling_aet", ""))
-    return outcome.ok, outcome.comment
+    for result in results:
+        if result.why == "not in quarantine":
+            print(f"{result.quarantine_id}: not in quarantine", file=sys.stderr)
+        else:
+            print(f"{result.quarantine_id}: {'released' if result.released else 'still held: ' + result.why}")
+    released = sum(r.released for r in results)
+    print(json.dumps({"released": released, "held": len(results) - released}))
+    return 0 if released == len(results) else 1
 
 
 def parser() -> argparse.ArgumentParser:

@@ -457,7 +457,9 @@ def _listener_tls(path: Path, raw: dict, base: Path, plain_port: int) -> TLS | N
     if values["require_client_cert"] and files["ca_certificates"] is None:
         raise ConfigError(f"{path}: node.tls.ca_certificates: required when require_client_cert = true "
                           "(the CA that signs the clients' certificates)")
-    return TLS(**files, min_version=values["min_version"], require_client_cert=values["require_client_cert"],
+    return TLS(certificate=files["certificate"], private_key=files["private_key"],
+               ca_certificates=files["ca_certificates"], min_version=values["min_version"],
+               require_client_cert=values["require_client_cert"],
                port=values["port"], handshake_timeout=float(values["handshake_timeout"]))
 
 
@@ -470,7 +472,9 @@ def _destination_tls(path: Path, where: str, raw: dict, base: Path) -> TLS | Non
              for key in ("certificate", "private_key", "ca_certificates")}
     if (files["certificate"] is None) != (files["private_key"] is None):
         raise ConfigError(f"{path}: {where}.tls: certificate and private_key go together")
-    return TLS(**files, min_version=values["min_version"], verify_hostname=values["verify_hostname"],
+    return TLS(certificate=files["certificate"], private_key=files["private_key"],
+               ca_certificates=files["ca_certificates"], min_version=values["min_version"],
+               verify_hostname=values["verify_hostname"],
                server_name=values["server_name"])
 
 

@@ -231,11 +231,11 @@ class Store:
                     row["oldest_pending_age_s"] = max(row["oldest_pending_age_s"] or 0, age)
             for destination, error in self.queue.last_errors():
                 entry(destination)["last_error"] = error
-            for name, paused, error in self.destinations.states():
+            for name, paused, problem in self.destinations.states():
                 row = entry(name)
                 row["paused"] = bool(paused)
-                if error:  # a destination-wide problem is the news: it explains every waiting row
-                    row["last_error"] = error
+                if problem:  # a destination-wide problem is the news: it explains every waiting row
+                    row["last_error"] = problem
         return result
 
 

@@ -90,7 +90,7 @@ class Mappings:
                 cursor = self.core.execute(query, [value])
                 row = cursor.fetchone()
                 if row is not None:
-                    return self._opened(dict(zip([d[0] for d in cursor.description], row)))
+                    return self._opened(dict(zip([d[0] for d in cursor.description], row, strict=True)))
         return None
 
     def _opened(self, row: dict[str, Any]) -> dict[str, Any]:

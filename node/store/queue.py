@@ -51,7 +51,7 @@ class Queue:
 
     def _insert(self, destination: str, **row: Any) -> None:
         when = now()
-        self.core.db["queue"].insert({
+        self.core.db.table("queue").insert({
             "destination": destination, **row, "status": PENDING, "attempts": 0, "failures": 0,
             "due": when, "created": when, "updated": when, "last_error": None,
         })
@@ -66,7 +66,7 @@ class Queue:
                 [destination, PENDING, now(), limit],
             )
             names = [d[0] for d in cursor.description]
-            rows = [dict(zip(names, row)) for row in cursor.fetchall()]
+            rows = [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
             if rows:
                 self.core.execute(f"UPDATE queue SET status = ?, updated = ? WHERE id IN ({_marks(rows)})",
                                   [INFLIGHT, now(), *[r["id"] for r in rows]])
@@ -132,7 +132,7 @@ class Queue:
         with self.core.read():
             cursor = self.core.execute("SELECT * FROM queue WHERE id = ?", [row_id])
             row = cursor.fetchone()
-            return dict(zip([d[0] for d in cursor.description], row)) if row else None
+            return dict(zip([d[0] for d in cursor.description], row, strict=True)) if row else None
 
     def requeue(self, destination: str, record: dict[str, Any]) -> None:
         """Queue a file again for one destination (quarantine retry), as a new pending row; the failed

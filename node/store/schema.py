@@ -31,38 +31,38 @@ class Migration:
 
 def _schema_1(core: Database, ring: Keyring) -> None:
     db = core.db
-    db["patients"].create({
+    db.table("patients").create({
         "pseudo_patient_id": str, "patient_id": str, "issuer_of_patient_id": str, "patient_name": str,
         "pseudo_patient_name": str, "patient_birth_date": str, "first_seen": str, "last_seen": str,
     }, pk="pseudo_patient_id", if_not_exists=True)
-    db["studies"].create({
+    db.table("studies").create({
         "pseudo_study_instance_uid": str, "study_instance_uid": str, "accession_number": str,
         "pseudo_accession_number": str, "study_date": str, "pseudo_patient_id": str,
         "calling_aet": str, "received": str, "priority": int,
     }, pk="pseudo_study_instance_uid", if_not_exists=True)
-    db["series"].create({
+    db.table("series").create({
         "pseudo_series_instance_uid": str, "series_instance_uid": str, "modality": str,
         "pseudo_study_instance_uid": str,
     }, pk="pseudo_series_instance_uid", if_not_exists=True)
-    db["instances"].create({
+    db.table("instances").create({
         "pseudo_sop_instance_uid": str, "sop_instance_uid": str, "sop_class_uid": str,
         "pseudo_series_instance_uid": str, "calling_aet": str, "received": str, "source": str,
     }, pk="pseudo_sop_instance_uid", if_not_exists=True)
-    db["uids"].create({"pseudo_uid": str, "original_uid": str}, pk="pseudo_uid", if_not_exists=True)
-    db["queue"].create({
+    db.table("uids").create({"pseudo_uid": str, "original_uid": str}, pk="pseudo_uid", if_not_exists=True)
+    db.table("queue").create({
         "id": int, "destination": str, "pseudo_sop_instance_uid": str, "sop_class_uid": str,
         "transfer_syntax": str, "path": str, "size": int, "priority": int, "status": str,
         "attempts": int, "failures": int, "due": float, "created": float, "updated": float, "last_error": str,
     }, pk="id", if_not_exists=True)
-    db["audit"].create({"id": int, "time": str, "event": str, "detail": str}, pk="id", if_not_exists=True)
-    db["studies"].create_index(["pseudo_accession_number"], if_not_exists=True)
-    db["queue"].create_index(["destination", "status", "priority", "id"], if_not_exists=True)
-    db["queue"].create_index(["pseudo_sop_instance_uid", "status"], if_not_exists=True)
+    db.table("audit").create({"id": int, "time": str, "event": str, "detail": str}, pk="id", if_not_exists=True)
+    db.table("studies").create_index(["pseudo_accession_number"], if_not_exists=True)
+    db.table("queue").create_index(["destination", "status", "priority", "id"], if_not_exists=True)
+    db.table("queue").create_index(["pseudo_sop_instance_uid", "status"], if_not_exists=True)
 
 
 def _schema_2(core: Database, ring: Keyring) -> None:
     """Per-destination state: paused by an operator, the last destination-wide error."""
-    core.db["destinations"].create({
+    core.db.table("destinations").create({
         "name": str, "paused": int, "last_error": str, "error_time": float, "updated": float,
     }, pk="name", if_not_exists=True)
 
