@@ -18,7 +18,6 @@ import resource
 import signal
 import sqlite3
 import sys
-import tempfile
 import threading
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -162,7 +161,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     held = _lock(settings)
     try:
         _deidentifier(settings)  # a missing, unreadable or exposed key stops the node here, not in a worker
-        _private_tempdir(settings.incoming_dir)
+        try:
+            datadir.private_incoming(settings.incoming_dir)
+        except OSError as exc:
+            raise Fatal(f"telenode: configuration error: {settings.path}: node.data_dir: "
+                        f"{settings.incoming_dir}: {exc.strerror}") from None
         store = _store(settings)
         try:
             serve.run(serve.Parts(settings, store, open_worker), stop)
@@ -183,16 +186,6 @@ def open_worker(settings: config.Settings, on_queued: Callable[[], None]) -> tup
                         safeguards=_safeguards(settings), quarantine=Quarantine(settings.quarantine_dir),
                         router=Router(settings.routes, settings.destinations))
     return pipeline, store
-
-
-def _private_tempdir(folder: Path) -> None:
-    """Received data sets land in data_dir/incoming (0700), not /tmp: originals stay with the node's
-    data, on the file system whose free space the node watches, and out of other users' reach."""
-    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-    os.chmod(folder, 0o700)
-    for leftover in folder.glob("*.dcm"):  # a killed node's half-received data sets, never acknowledged
-        leftover.unlink(missing_ok=True)
-    tempfile.tempdir = str(folder)
 
 
 def _inputs(paths: Sequence[str]) -> Iterator[tuple[Path, Path]]:

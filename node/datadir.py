@@ -1,5 +1,7 @@
 """The data_dir at start: usable by a node that writes, or already used for the commands that read.
 
+Also the node's private folder for data sets being received (`private_incoming`).
+
 `serve` and `anonymize` create the data_dir if needed and must be able to write
 there; every other command reads (or adds an audit record to) an existing store
 and never creates a data_dir, a database or a key: on a wrong config they say
@@ -12,6 +14,7 @@ from __future__ import annotations
 import errno
 import os
 import secrets
+import tempfile
 from pathlib import Path
 
 
@@ -56,3 +59,14 @@ def require_used(data_dir: Path, database: Path, config: Path) -> None:
         where = "does not exist" if not data_dir.exists() else f"holds no {database.name}"
         raise DataDirError(f"no node has used data_dir {data_dir} yet (it {where}): check node.data_dir "
                            f"in {config}, or start the node once with `telenode serve`")
+
+
+def private_incoming(folder: Path) -> None:
+    """Received data sets land in data_dir/incoming (0700), not /tmp: originals stay with the node's
+    data, on the file system whose free space the node watches, and out of other users' reach. A killed
+    node's half-received data sets (never acknowledged, PHI) are removed."""
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(folder, 0o700)
+    for leftover in folder.glob("*.dcm"):
+        leftover.unlink(missing_ok=True)
+    tempfile.tempdir = str(folder)
