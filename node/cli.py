@@ -107,12 +107,17 @@ def _store(settings: config.Settings) -> Store:
                     "backup (README: Backup and restore) or move it away to start a new one", 1) from None
 
 
-def _reader(settings: config.Settings) -> Store:
-    """The store for a command that reads: never creates a data_dir, a database or a mapping key."""
+def _used(settings: config.Settings) -> None:
+    """A command that reads: exit 4 (creating nothing) on a data_dir no node has used."""
     try:
         datadir.require_used(settings.data_dir, settings.database, settings.path)
     except datadir.DataDirError as exc:
         raise Fatal(f"telenode: {exc}", EXIT_NO_STORE) from None
+
+
+def _reader(settings: config.Settings) -> Store:
+    """The store for a command that reads: never creates a data_dir, a database or a mapping key."""
+    _used(settings)
     if not settings.mapping_key.exists():
         raise Fatal(f"telenode: configuration error: {settings.path}: security.mapping_key_file: "
                     f"{settings.mapping_key} is missing: restore it from the backup (without it the stored "
@@ -348,6 +353,7 @@ def cmd_quarantine_list(args: argparse.Namespace) -> int:
 
 
 def _held(settings: config.Settings, qid: str) -> tuple[Quarantine, dict]:
+    _used(settings)  # Quarantine() would create the folder
     quarantine = Quarantine(settings.quarantine_dir)
     entry = quarantine.get(qid)
     if entry is None or not quarantine.file(qid).is_file():
@@ -499,6 +505,7 @@ def cmd_quarantine_retry(args: argparse.Namespace) -> int:
     (with today's configuration: a new pixel rule, another burned-in policy) and stay held if still refused."""
     settings = _settings(args)
     log.configure(settings.log_format, settings.log_level)
+    _used(settings)  # Quarantine() would create the folder
     quarantine = Quarantine(settings.quarantine_dir)
     ids = [e["id"] for e in quarantine.entries()] if args.all else args.ids
     if not ids:

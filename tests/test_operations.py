@@ -150,7 +150,9 @@ def test_a_taken_port_is_one_line(make_node):
 
 @pytest.mark.parametrize("command", [("status",), ("status", "--json"), ("reidentify", "TESTORG-ABC"),
                                      ("audit", "verify"), ("audit", "show"), ("keys", "status"),
-                                     ("pause", "remote0"), ("backup", "--output", "copy.sqlite")])
+                                     ("pause", "remote0"), ("backup", "--output", "copy.sqlite"),
+                                     ("quarantine", "show", "20261201T000000-abcd"), ("quarantine", "retry", "--all"),
+                                     ("quarantine", "export", "20261201T000000-abcd", "--output", "x.dcm")])
 def test_commands_that_read_never_create_a_data_dir(make_node, command):
     node = make_node([("TELERAD", free_port())])
     result = run(node, *command)
