@@ -82,6 +82,8 @@ def verify(rows: Iterable[tuple[int, str, str, str, str | None, str | None]],
 class Sink(Protocol):
     def emit(self, record: dict[str, Any]) -> None: ...
 
+    def close(self) -> None: ...
+
 
 class JsonLinesFile:
     """Appends each committed record as one JSON line to a file created 0600 (for a SIEM)."""

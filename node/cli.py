@@ -12,24 +12,24 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import getpass
-import hashlib
 import json
 import os
 import resource
 import signal
+import sqlite3
 import sys
-import tempfile
 import threading
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-from node import __version__, config, log, returnpath, serve
+from node import __version__, backup, config, datadir, health, log, privileged, returnpath, serve
 from node.deid import Deidentifier, Pseudonymizer, load_or_create_key
 from node.deid.guard import Guard
 from node.deid.pseudonyms import KeyFileError
 from node.keys import MappingKeyError, check_private
+from node.lock import DataDirInUse, DataDirLock
 from node.pipeline import Held, Pipeline, Rejected, Safeguards
+from node.release import Releaser
 from node.routing import Router
 from node.spool import Quarantine, Spool, atomic_write, copier
 from node.store import Store, empty_status
@@ -37,6 +37,7 @@ from node.store import Store, empty_status
 EXIT_CONFIG = 2
 EXIT_UNKNOWN = 1  # reidentify: no such pseudonym
 EXIT_REFUSED = 3  # a privileged act refused by [security] operators
+EXIT_NO_STORE = 4  # a command that reads, on a data_dir no node has used
 
 
 class Fatal(Exception):
@@ -103,6 +104,46 @@ def _store(settings: config.Settings) -> Store:
     except OSError as exc:
         raise Fatal(f"telenode: cannot open mapping store {settings.database} or its audit file: "
                     f"{exc.strerror}", 1) from None
+    except sqlite3.Error as exc:  # not a database, corrupt, newer schema: SQLite's words carry no PHI
+        raise Fatal(f"telenode: cannot open mapping store {settings.database}: {exc}: restore it from a "
+                    "backup (README: Backup and restore) or move it away to start a new one", 1) from None
+
+
+def _used(settings: config.Settings) -> None:
+    """A command that reads: exit 4 (creating nothing) on a data_dir no node has used."""
+    try:
+        datadir.require_used(settings.data_dir, settings.database, settings.path)
+    except datadir.DataDirError as exc:
+        raise Fatal(f"telenode: {exc}", EXIT_NO_STORE) from None
+
+
+def _reader(settings: config.Settings) -> Store:
+    """The store for a command that reads: never creates a data_dir, a database or a mapping key."""
+    _used(settings)
+    if not settings.mapping_key.exists():
+        raise Fatal(f"telenode: configuration error: {settings.path}: security.mapping_key_file: "
+                    f"{settings.mapping_key} is missing: restore it from the backup (without it the stored "
+                    "originals cannot be decrypted)")
+    return _store(settings)
+
+
+def _writable(settings: config.Settings) -> None:
+    """serve and anonymize: data_dir created if missing, and writable."""
+    try:
+        datadir.prepare(settings.data_dir)
+    except datadir.DataDirError as exc:
+        raise Fatal(f"telenode: configuration error: {settings.path}: node.data_dir: {exc}") from None
+
+
+def _lock(settings: config.Settings) -> DataDirLock:
+    """One node per data_dir, taken before anything touches the store, the spool or incoming/."""
+    try:
+        return DataDirLock(settings.data_dir).acquire()
+    except DataDirInUse as exc:
+        raise Fatal(f"telenode: {exc}") from None
+    except OSError as exc:
+        raise Fatal(f"telenode: configuration error: {settings.path}: node.data_dir: "
+                    f"cannot lock {settings.data_dir}: {exc.strerror}") from None
 
 
 def _check_keys(settings: config.Settings) -> None:
@@ -123,15 +164,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
         signal.signal(signum, lambda *_: stop.set())
     settings = _settings(args)
     log.configure(settings.log_format, settings.log_level)
-    _deidentifier(settings)  # a missing, unreadable or exposed key stops the node here, not in a worker
-    _private_tempdir(settings.incoming_dir)
-    store = _store(settings)
+    _writable(settings)
+    held = _lock(settings)
     try:
-        serve.run(serve.Parts(settings, store, open_worker), stop)
-    except serve.StartError as exc:
-        raise Fatal(f"telenode: {exc}", 1) from None
+        _deidentifier(settings)  # a missing, unreadable or exposed key stops the node here, not in a worker
+        try:
+            datadir.private_incoming(settings.incoming_dir)
+        except OSError as exc:
+            raise Fatal(f"telenode: configuration error: {settings.path}: node.data_dir: "
+                        f"{settings.incoming_dir}: {exc.strerror}") from None
+        store = _store(settings)
+        try:
+            serve.run(serve.Parts(settings, store, open_worker), stop)
+        except serve.StartError as exc:
+            raise Fatal(f"telenode: {exc}", 1) from None
+        finally:
+            store.close()
     finally:
-        store.close()
+        held.release()
     return 0
 
 
@@ -143,16 +193,6 @@ def open_worker(settings: config.Settings, on_queued: Callable[[], None]) -> tup
                         safeguards=_safeguards(settings), quarantine=Quarantine(settings.quarantine_dir),
                         router=Router(settings.routes, settings.destinations))
     return pipeline, store
-
-
-def _private_tempdir(folder: Path) -> None:
-    """Received data sets land in data_dir/incoming (0700), not /tmp: originals stay with the node's
-    data, on the file system whose free space the node watches, and out of other users' reach."""
-    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-    os.chmod(folder, 0o700)
-    for leftover in folder.glob("*.dcm"):  # a killed node's half-received data sets, never acknowledged
-        leftover.unlink(missing_ok=True)
-    tempfile.tempdir = str(folder)
 
 
 def _inputs(paths: Sequence[str]) -> Iterator[tuple[Path, Path]]:
@@ -192,6 +232,7 @@ def cmd_anonymize(args: argparse.Namespace) -> int:
     settings = _settings(args)
     log.configure(settings.log_format, settings.log_level)
     logger = log.get("anonymize")
+    _writable(settings)
     deidentifier = _deidentifier(settings)
     store = _store(settings)
     output = Path(args.output)
@@ -221,53 +262,43 @@ def cmd_anonymize(args: argparse.Namespace) -> int:
     return 0 if failed == 0 and done > 0 else 1
 
 
-def _os_user() -> str:
-    try:
-        return getpass.getuser()
-    except (KeyError, OSError):  # no passwd entry (containers)
-        return f"uid {os.getuid()}"
-
-
 def _privileged(args: argparse.Namespace, settings: config.Settings, store: Store, event: str,
                 **facts: Any) -> dict[str, Any]:
-    """Who asks and why, checked against [security] operators; a refusal is audited, then exits 3.
+    """node/privileged.py decides and audits a refusal (exit 3); returns the audit facts of the act."""
+    request = _request(args)
+    try:
+        who = privileged.authorize(store, settings.operators, event, request, **facts)
+    except privileged.Refused as exc:
+        raise Fatal(f"telenode: {exc}", EXIT_REFUSED) from None
+    _warn_no_reason(request, event)
+    return who
 
-    Returns the audit facts (operator, where it came from, the OS user, reason) for the act's record."""
-    given = args.operator or os.environ.get("TELENODE_OPERATOR")
-    source = "flag" if args.operator else "env" if given else "os_user"
-    operator = given or _os_user()
-    reason = args.reason or os.environ.get("TELENODE_REASON") or None
-    who = {"operator": operator, "operator_source": source, "os_user": _os_user(), "reason": reason,
-           "reason_given": reason is not None}
-    refusal = ""
-    if settings.operators:
-        if not given:
-            refusal = "an operator must be named (--operator or TELENODE_OPERATOR)"
-        elif operator not in settings.operators:
-            refusal = f"operator {operator!r} is not in [security] operators"
-        elif reason is None:
-            refusal = "a reason is required (--reason or TELENODE_REASON)"
-    if refusal:
-        store.audit(f"{event}_refused", **who, **facts, refused=refusal)
-        raise Fatal(f"telenode: {event} refused: {refusal}", EXIT_REFUSED)
-    if reason is None:
+
+def _request(args: argparse.Namespace) -> privileged.Request:
+    return privileged.Request.from_environment(args.operator, args.reason)
+
+
+def _warn_no_reason(request: privileged.Request, event: str) -> None:
+    if request.reason is None:
         print(f"telenode: warning: no reason given for {event} (--reason or TELENODE_REASON); "
               "recorded as not given", file=sys.stderr)
-    return who
 
 
 def cmd_reidentify(args: argparse.Namespace) -> int:
     settings = _settings(args)
     log.configure(settings.log_format, settings.log_level)
     _check_keys(settings)
-    store = _store(settings)
+    store = _reader(settings)
+    request = _request(args)
     try:
-        who = _privileged(args, settings, store, "reidentify", **_asked(settings, args.value, None))
-        found = _lookup(store, args.value)
-        # Audited (committed) before anything is answered, found or not.
-        store.audit("reidentify", **who, **_asked(settings, args.value, found is not None), found=found is not None)
+        found = privileged.reidentify(store, settings.operators, settings.organization, request, args.value)
+    except privileged.Refused as exc:
+        raise Fatal(f"telenode: {exc}", EXIT_REFUSED) from None
+    except MappingKeyError as exc:
+        raise Fatal(f"telenode: cannot decrypt the originals of {args.value!r}: {exc}", 1) from None
     finally:
         store.close()
+    _warn_no_reason(request, "reidentify")
     if found is None:
         print(f"telenode: unknown pseudonym {args.value!r}", file=sys.stderr)
         return EXIT_UNKNOWN
@@ -275,26 +306,9 @@ def cmd_reidentify(args: argparse.Namespace) -> int:
     return 0
 
 
-def _asked(settings: config.Settings, value: str, found: bool | None) -> dict[str, str]:
-    """What the audit records of a re-identification request: the value when it is (or, before the
-    lookup, looks like) one of our pseudonyms; otherwise — an original typed by mistake is PHI —
-    only a digest, enough to correlate repeated attempts."""
-    ours = value.startswith((f"{settings.organization}-", "2.25.")) if found is None else found
-    if ours:
-        return {"pseudonym": value}
-    return {"value_sha256": hashlib.sha256(value.encode("utf-8", "replace")).hexdigest()[:16]}
-
-
-def _lookup(store: Store, value: str) -> dict[str, Any] | None:
-    try:
-        return store.lookup(value)
-    except MappingKeyError as exc:
-        raise Fatal(f"telenode: cannot decrypt the originals of {value!r}: {exc}", 1) from None
-
-
 def cmd_status(args: argparse.Namespace) -> int:
     settings = _settings(args)
-    store = _store(settings)
+    store = _reader(settings)
     try:
         queues = store.status()
     finally:
@@ -348,7 +362,7 @@ def cmd_pause(args: argparse.Namespace) -> int:
     settings = _settings(args)
     name = _destination_name(settings, args.destination)
     paused = args.command == "pause"
-    store = _store(settings)
+    store = _reader(settings)
     try:
         store.set_paused(name, paused)
         store.audit("destination_paused" if paused else "destination_resumed", destination=name, operator=_operator(args))
@@ -359,7 +373,7 @@ def cmd_pause(args: argparse.Namespace) -> int:
 
 
 def _operator(args: argparse.Namespace) -> str:
-    return getattr(args, "operator", None) or os.environ.get("TELENODE_OPERATOR") or _os_user()
+    return privileged.operator_name(getattr(args, "operator", None))
 
 
 def cmd_quarantine_list(args: argparse.Namespace) -> int:
@@ -377,6 +391,7 @@ def cmd_quarantine_list(args: argparse.Namespace) -> int:
 
 
 def _held(settings: config.Settings, qid: str) -> tuple[Quarantine, dict]:
+    _used(settings)  # Quarantine() would create the folder
     quarantine = Quarantine(settings.quarantine_dir)
     entry = quarantine.get(qid)
     if entry is None or not quarantine.file(qid).is_file():
@@ -390,7 +405,7 @@ def cmd_quarantine_show(args: argparse.Namespace) -> int:
     log.configure(settings.log_format, settings.log_level)
     _check_keys(settings)
     quarantine, entry = _held(settings, args.id)
-    store = _store(settings)
+    store = _reader(settings)
     try:
         who = _privileged(args, settings, store, "quarantine_show", quarantine_id=args.id)
         store.audit("quarantine_show", **who, quarantine_id=args.id, kind=entry.get("kind"))
@@ -419,7 +434,7 @@ def cmd_quarantine_export(args: argparse.Namespace) -> int:
     target = Path(args.output)
     if target.exists():
         raise Fatal(f"telenode: {target} exists; not overwritten", 1)
-    store = _store(settings)
+    store = _reader(settings)
     try:
         who = _privileged(args, settings, store, "quarantine_export", quarantine_id=args.id)
         store.audit("quarantine_export", **who, quarantine_id=args.id, kind=entry.get("kind"), output=str(target))
@@ -436,7 +451,7 @@ def cmd_keys_rotate(args: argparse.Namespace) -> int:
     settings = _settings(args)
     log.configure(settings.log_format, settings.log_level)
     _check_keys(settings)
-    store = _store(settings)
+    store = _reader(settings)
     try:
         result = store.rotate_mapping_key()
         store.audit("mapping_key_rotated", operator=_operator(args), **result)
@@ -452,7 +467,7 @@ def cmd_keys_status(args: argparse.Namespace) -> int:
     """Key ids in the mapping keyring (never the keys) and how many stored originals each encrypts."""
     settings = _settings(args)
     _check_keys(settings)
-    store = _store(settings)
+    store = _reader(settings)
     try:
         usage = store.key_usage()
         ring = [f"{kid:08x}" for kid in store.ring.ids]
@@ -466,7 +481,7 @@ def cmd_keys_status(args: argparse.Namespace) -> int:
 def cmd_audit_verify(args: argparse.Namespace) -> int:
     """Walk the audit hash chain: 0 if intact, 1 naming the first bad record."""
     settings = _settings(args)
-    store = _store(settings)
+    store = _reader(settings)
     try:
         verdict = store.verify_audit()
     finally:
@@ -483,7 +498,7 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
 def cmd_audit_show(args: argparse.Namespace) -> int:
     """Audit records as JSON lines, oldest first (pseudonyms and operator facts only)."""
     settings = _settings(args)
-    store = _store(settings)
+    store = _reader(settings)
     try:
         records = store.audit_log(args.event, args.limit)
     finally:
@@ -493,59 +508,65 @@ def cmd_audit_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_backup(args: argparse.Namespace) -> int:
+    """A consistent copy of the mapping store while the node runs (audited: who took a copy, where)."""
+    settings = _settings(args)
+    output = Path(args.output).resolve()
+    store = _reader(settings)
+    try:
+        store.audit("backup", operator=_operator(args), output=str(output))  # in the copy too
+    finally:
+        store.close()
+    try:
+        made = backup.backup(settings.database, output)
+    except backup.BackupError as exc:
+        raise Fatal(f"telenode: backup: {exc}", 1) from None
+    print(json.dumps({"backup": str(made.path), "bytes": made.bytes, "schema": made.schema,
+                      "audit_records": made.audit_records,
+                      "not_included": [str(settings.key_file), str(settings.mapping_key)]}, sort_keys=True))
+    return 0
+
+
+def cmd_echo(args: argparse.Namespace) -> int:
+    """C-ECHO to the node's own listener: exit 0 when it answers (the container's HEALTHCHECK)."""
+    settings = _settings(args)
+    try:
+        result = health.echo(settings, args.timeout)
+    except ValueError as exc:
+        raise Fatal(f"telenode: echo: {exc}", 1) from None
+    print(json.dumps({"healthy": result.healthy, "detail": result.detail}))
+    return 0 if result.healthy else 1
+
+
 def cmd_quarantine_retry(args: argparse.Namespace) -> int:
     """Release held instances: failed sends are queued again; held originals go through the pipeline again
     (with today's configuration: a new pixel rule, another burned-in policy) and stay held if still refused."""
     settings = _settings(args)
     log.configure(settings.log_format, settings.log_level)
+    _used(settings)  # Quarantine() would create the folder
     quarantine = Quarantine(settings.quarantine_dir)
     ids = [e["id"] for e in quarantine.entries()] if args.all else args.ids
     if not ids:
         raise Fatal("telenode: quarantine retry needs IDs or --all", 1)
-    store = _store(settings)
+    store = _reader(settings)
     spool = Spool(settings.spool_dir)
     pipeline = Pipeline(_deidentifier(settings), store, spool, [d.name for d in settings.destinations],
                         safeguards=_safeguards(settings), router=Router(settings.routes, settings.destinations))
-    released = held = 0
+    queues = _return_queues(settings)  # a re-identified result goes back to its own spool
+    returning = dict.fromkeys(queues, Spool(returnpath.spool_dir(settings))) if queues else {}
+    releaser = Releaser(quarantine, store, spool, pipeline, [d.name for d in settings.destinations], returning)
     try:
-        for qid in ids:
-            entry = quarantine.get(qid)
-            if entry is None:
-                print(f"{qid}: not in quarantine", file=sys.stderr)
-                held += 1
-                continue
-            ok, why = _release(entry, quarantine, store, spool, pipeline, settings)
-            store.audit("quarantine_retry", quarantine_id=qid, kind=entry.get("kind"), released=ok,
-                        operator=_operator(args))
-            if ok:
-                quarantine.remove(qid)
-                released += 1
-            else:
-                held += 1
-            print(f"{qid}: {'released' if ok else 'still held: ' + why}")
+        results = releaser.release_all(ids, _operator(args))
     finally:
         store.close()
-    print(json.dumps({"released": released, "held": held}))
-    return 0 if held == 0 else 1
-
-
-def _release(entry: dict, quarantine: Quarantine, store: Store, spool: Spool, pipeline: Pipeline,
-             settings: config.Settings) -> tuple[bool, str]:
-    source = quarantine.file(entry["id"])
-    if entry.get("kind") == "send_failed":
-        destination = entry.get("destination", "")
-        returning = destination in _return_queues(settings)  # a re-identified result: its own spool
-        if destination not in {d.name for d in settings.destinations} and not returning:
-            return False, f"destination {destination!r} is no longer configured"
-        if returning:
-            spool = Spool(returnpath.spool_dir(settings))
-        target = spool.path_for(entry["sop_instance_uid"])
-        size = spool.write(target, copier(source))
-        store.requeue(destination, {**entry, "path": str(target), "size": size,
-                                    "pseudo_sop_instance_uid": entry["sop_instance_uid"]})
-        return True, ""
-    outcome = pipeline.receive(source, calling_aet=entry.get("calling_aet", ""))
-    return outcome.ok, outcome.comment
+    for result in results:
+        if result.why == "not in quarantine":
+            print(f"{result.quarantine_id}: not in quarantine", file=sys.stderr)
+        else:
+            print(f"{result.quarantine_id}: {'released' if result.released else 'still held: ' + result.why}")
+    released = sum(r.released for r in results)
+    print(json.dumps({"released": released, "held": len(results) - released}))
+    return 0 if released == len(results) else 1
 
 
 def parser() -> argparse.ArgumentParser:
@@ -583,6 +604,13 @@ def parser() -> argparse.ArgumentParser:
         sub.set_defaults(func=func)
         return sub
 
+    copy = command("backup", "a consistent copy of the mapping store, also while the node runs")
+    copy.add_argument("--output", "-o", required=True, metavar="FILE", help="a new file (never overwritten)")
+    _operator_option(copy)
+    copy.set_defaults(func=cmd_backup)
+    check = command("echo", "C-ECHO the node's own listener; exit 0 if it answers (health check)")
+    check.add_argument("--timeout", type=float, default=10.0, metavar="S", help="seconds (default 10)")
+    check.set_defaults(func=cmd_echo)
     quarantine = _group(commands, "quarantine", "instances held back: list, show, export, retry")
     action(quarantine, "list", "what is held and why", cmd_quarantine_list).add_argument("--json", action="store_true")
     retry = action(quarantine, "retry", "queue failed sends again; re-run held originals through the pipeline",

@@ -154,6 +154,7 @@ class Settings:
     ocr_all_images: bool = False  # burned_in = "ocr": read every image, not only the suspect ones
     association_request_timeout: float = 5.0  # seconds from TCP connect to the A-ASSOCIATE-RQ
     max_pending_per_address: int = 8  # connections per peer address not yet associated
+    retention_sent_days: float = 0.0  # [retention] sent_days: queue rows of delivered instances kept; 0 = forever
 
     @property
     def mapping_key(self) -> Path:
@@ -376,6 +377,9 @@ HL7_KEYS: dict[str, tuple[Any, Any, Check | None]] = {
     "max_retry_delay": (NUMBER, 300.0, _positive),
     "max_failures": (int, 5, _positive),
 }
+RETENTION_KEYS: dict[str, tuple[Any, Any, Check | None]] = {
+    "sent_days": (NUMBER, 0, lambda v: None if v >= 0 else "must be 0 (keep forever) or a number of days"),
+}
 ROUTE_KEYS: dict[str, tuple[Any, Any, Check | None]] = {
     "name": (str, "", None),
     "destinations": (list, [], None),
@@ -446,7 +450,7 @@ def load(path: str | os.PathLike[str]) -> Settings:
         raise ConfigError(f"{path}: cannot read config file ({exc.strerror})") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML ({exc})") from None
-    known = {"node", "anonymization", "destinations", "routes", "security", "return", "http"}
+    known = {"node", "anonymization", "destinations", "routes", "security", "return", "http", "retention"}
     for key in raw:
         if key not in known:
             raise ConfigError(f"{path}: {key}: unknown section (known: {', '.join(sorted(known))})")
@@ -454,6 +458,7 @@ def load(path: str | os.PathLike[str]) -> Settings:
     node = _section(path, "node", raw.get("node", {}), NODE_KEYS)
     anon = _section(path, "anonymization", raw.get("anonymization", {}), ANON_KEYS)
     security = _section(path, "security", raw.get("security", {}), SECURITY_KEYS)
+    retention = _section(path, "retention", raw.get("retention", {}), RETENTION_KEYS)
     destinations = _destinations(path, raw.get("destinations"), base)
     routes = _routes(path, raw.get("routes", []), {d.name for d in destinations})
     key_file = _resolve(base, anon["key_file"])
@@ -497,6 +502,7 @@ def load(path: str | os.PathLike[str]) -> Settings:
         ocr_all_images=anon["ocr_all_images"],
         association_request_timeout=float(node["association_request_timeout"]),
         max_pending_per_address=node["max_pending_per_address"],
+        retention_sent_days=float(retention["sent_days"]),
     )
 
 
@@ -520,7 +526,9 @@ def _listener_tls(path: Path, raw: dict, base: Path, plain_port: int, where: str
     if values["require_client_cert"] and files["ca_certificates"] is None:
         raise ConfigError(f"{path}: {where}.ca_certificates: required when require_client_cert = true "
                           "(the CA that signs the clients' certificates)")
-    return TLS(**files, min_version=values["min_version"], require_client_cert=values["require_client_cert"],
+    return TLS(certificate=files["certificate"], private_key=files["private_key"],
+               ca_certificates=files["ca_certificates"], min_version=values["min_version"],
+               require_client_cert=values["require_client_cert"],
                port=values["port"], handshake_timeout=float(values["handshake_timeout"]))
 
 
@@ -533,7 +541,9 @@ def _destination_tls(path: Path, where: str, raw: dict, base: Path) -> TLS | Non
              for key in ("certificate", "private_key", "ca_certificates")}
     if (files["certificate"] is None) != (files["private_key"] is None):
         raise ConfigError(f"{path}: {where}.tls: certificate and private_key go together")
-    return TLS(**files, min_version=values["min_version"], verify_hostname=values["verify_hostname"],
+    return TLS(certificate=files["certificate"], private_key=files["private_key"],
+               ca_certificates=files["ca_certificates"], min_version=values["min_version"],
+               verify_hostname=values["verify_hostname"],
                server_name=values["server_name"])
 
 

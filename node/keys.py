@@ -119,6 +119,11 @@ def format_ring(keys: list[bytes]) -> str:
     return HEADER_TEXT + "".join(key.hex() + "\n" for key in keys)
 
 
+def value_context(table: str, column: str, row: str) -> bytes:
+    """AES-GCM associated data of a stored original: it belongs to this table, column and row, nowhere else."""
+    return f"telenode-mapping\x00{table}\x00{column}\x00{row}".encode("utf-8")
+
+
 class Keyring:
     """The mapping keys of one store: encrypt with the first, decrypt with any; follows the file."""
 
@@ -190,6 +195,20 @@ class Keyring:
         except InvalidTag:
             raise MappingKeyError("stored value fails authentication (altered, or moved from another row)") from None
         return plain.decode("utf-8")
+
+    def seal(self, table: str, column: str, row: str, value: str | None) -> bytes | None:
+        """An original as the mapping store keeps it: encrypted and bound to its cell, or NULL when empty."""
+        if value is None or value == "":
+            return None
+        return self.encrypt(value, value_context(table, column, row))
+
+    def unseal(self, table: str, column: str, row: str, stored: bytes | memoryview | str | None) -> str:
+        """The original of a stored cell ("" for NULL); MappingKeyError if it is not authentic there."""
+        if stored is None:
+            return ""
+        if isinstance(stored, str):  # plaintext of a database never migrated: tolerated, never produced
+            return stored
+        return self.decrypt(bytes(stored), value_context(table, column, row))
 
     def add_key(self) -> int:
         """Put a new key first in the ring file (it encrypts from now on); returns its id."""

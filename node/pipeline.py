@@ -144,7 +144,7 @@ def writer(ds: FileDataset) -> Callable[[BinaryIO], None]:
         finally:
             ds[PIXEL_DATA] = pixels
         handle.write(_element_header(pixels, ds.file_meta.TransferSyntaxUID))
-        _copy_range(ds.filename, pixels.value_tell, pixels.length, handle)
+        _copy_range(str(ds.filename), pixels.value_tell, pixels.length, handle)
 
     return write
 
@@ -348,7 +348,7 @@ class Pipeline:
         except Rejected as exc:  # a valid data set the profile cannot be sure of: keep it for review
             self._hold(source, calling_aet, "deid_failed", exc.comment, exc.status)
             raise
-        
+
         guard = self.safeguards.guard
         leak = guard.check(ds, record) if guard is not None else None
         if leak is not None:
@@ -396,9 +396,10 @@ class Pipeline:
         raise Held(status, f"{kind}: {reason}"[:64], qid)
 
     def _spool(self, ds: FileDataset, record: DeidRecord) -> tuple[int, Path]:
-        assert self.spool is not None
-        target = self.spool.path_for(record.pseudo_sop_instance_uid)
-        return encode(lambda write: self.spool.write(target, write), ds), target
+        spool = self.spool
+        assert spool is not None
+        target = spool.path_for(record.pseudo_sop_instance_uid)
+        return encode(lambda write: spool.write(target, write), ds), target
 
 
 def _measure(origin: str, started: float, result: str) -> None:

@@ -44,7 +44,7 @@ from pydicom.uid import (
     UID,
 )
 from pynetdicom import AE, evt
-from pynetdicom.sop_class import Verification
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # generated at import
 from pynetdicom.transport import ThreadedAssociationServer
 
 from node import log, net, tls
@@ -246,7 +246,7 @@ class _TLSServer(_Server):
 
 def _log_tls(sock: ssl.SSLSocket, peer: str) -> None:
     cert = sock.getpeercert() or {}
-    subject = dict(item for rdn in cert.get("subject", ()) for item in rdn)
+    subject = {str(item[0]): item[1] for rdn in cert.get("subject", ()) for item in rdn}
     _log.info("tls_established", peer=peer, version=sock.version(), cipher=(sock.cipher() or ("",))[0],
               client_cn=subject.get("commonName", ""))
 

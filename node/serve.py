@@ -34,6 +34,7 @@ from typing import Any, Callable, Sequence
 
 from node import __version__, config, log, metrics, net, returnpath
 from node.forward import Forwarder
+from node.retention import Retention
 from node.spool import Quarantine, Spool
 from node.store import Store
 
@@ -74,6 +75,7 @@ def run(parts: Parts, stop: threading.Event) -> None:
         metrics.prime(tuple(d.name for d in settings.destinations))
     pool = _Workers(parts)
     gateway = None
+    retention = Retention(store, settings.retention_sent_days)
     try:
         _start_return(returning)  # before the workers: once node.port answers, the return AE does too
         gateway = _gateway(parts, forwarders, pool)  # token file and port first: scripts read the token
@@ -93,6 +95,7 @@ def run(parts: Parts, stop: threading.Event) -> None:
                 for forwarder in forwarders:
                     forwarder.wake()
             pool.restart_dead()
+            retention.tick()
     finally:
         deadline = time.monotonic() + settings.stop_timeout
         if gateway is not None:

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import BinaryIO, Callable
 
-Writer = Callable[[BinaryIO], None]
+Writer = Callable[[BinaryIO], object]  # what it returns is ignored
 FAN_OUT = 256
 
 

@@ -107,7 +107,7 @@ def generate() -> list[dict[str, str]]:
         reason = _reason(tag >> 16, vr, name, keyword)
         if reason:
             entries[key] = {"tag": key, "keyword": keyword, "reason": reason}
-    for mask, (vr, _vm, name, _retired, keyword) in sorted(RepeatersDictionary.items()):
+    for mask, (vr, _vm, _name, _retired, keyword) in sorted(RepeatersDictionary.items()):
         if mask.startswith("60xx") and vr in WORDLESS_VRS and mask[4:] not in ("3000", "4000"):
             entries[mask.upper().replace("X", "x")] = {"tag": mask, "keyword": keyword,
                                                        "reason": f"overlay description ({vr})"}

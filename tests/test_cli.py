@@ -9,6 +9,7 @@ import stat
 
 import pydicom
 
+from node.store import Store
 from conftest import Node, free_port
 from studies import make_study
 
@@ -76,6 +77,7 @@ def test_an_original_typed_by_mistake_is_not_written_into_the_audit_trail(tmp_pa
 
 def test_status_lists_every_destination(tmp_path):
     node = Node(tmp_path / "node", [("TELERAD", free_port()), ("CLOUD", free_port())])
+    Store(node.folder / "var" / "telenode.sqlite").close()  # a node has used the data_dir, sent nothing yet
     result = node.cli("status", "--json", check=True)
     queues = json.loads(result.stdout)["destinations"]
     assert set(queues) == {"remote0", "remote1"}

@@ -10,12 +10,11 @@ a failure status, and a SIGKILL loses nothing that was acknowledged.
 from __future__ import annotations
 
 import json
-import threading
 from pathlib import Path
 
 import pydicom
 from pydicom.dataset import Dataset
-from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage
 
 from conftest import echo, free_port, storescu, wait_for
@@ -167,33 +166,7 @@ def test_malformed_datasets_get_failure_status_and_node_keeps_serving(tmp_path, 
     assert status["destinations"]["remote0"]["pending"] == 0  # nothing refused was queued
 
 
-class CountingSCP:
-    """A pynetdicom Storage SCP that counts every C-STORE it receives, by SOP Instance UID."""
-
-    def __init__(self, port: int) -> None:
-        self.port = port
-        self.received: list[str] = []
-        self.lock = threading.Lock()
-        self.server = None
-
-    def _on_store(self, event) -> int:
-        with self.lock:
-            self.received.append(event.request.AffectedSOPInstanceUID)
-        return 0x0000
-
-    def start(self) -> "CountingSCP":
-        ae = AE(ae_title="TELERAD")
-        ae.supported_contexts = AllStoragePresentationContexts
-        self.server = ae.start_server(("127.0.0.1", self.port), block=False,
-                                      evt_handlers=[(evt.EVT_C_STORE, self._on_store)])
-        return self
-
-    def stop(self) -> None:
-        if self.server:
-            self.server.shutdown()
-
-
-def test_sigkill_with_remote_down_loses_nothing_and_sends_once(tmp_path, make_node):
+def test_sigkill_with_remote_down_loses_nothing_and_sends_once(tmp_path, make_node, make_scp):
     study = make_study(tmp_path / "study", instances=8, series=2)
     remote_port = free_port()
     node = make_node([("TELERAD", remote_port)]).start()
@@ -201,16 +174,13 @@ def test_sigkill_with_remote_down_loses_nothing_and_sends_once(tmp_path, make_no
     assert sent.returncode == 0, sent.stderr  # all 8 acknowledged while the remote is down
     node.kill()
 
-    remote = CountingSCP(remote_port).start()
-    try:
-        node.start()
-        assert wait_for(lambda: len(remote.received) >= 8, 60), f"{len(remote.received)} of 8 arrived"
-        wait_for(lambda: len(remote.received) > 8, 2)  # give duplicates a chance to show up
-        assert len(remote.received) == 8
-        assert len(set(remote.received)) == 8
-        assert node.stop() == 0
-    finally:
-        remote.stop()
+    remote = make_scp(port=remote_port).start()
+    node.start()
+    assert wait_for(lambda: len(remote.uids()) >= 8, 60), f"{len(remote.uids())} of 8 arrived"
+    wait_for(lambda: len(remote.uids()) > 8, 2)  # give duplicates a chance to show up
+    assert len(remote.uids()) == 8
+    assert len(set(remote.uids())) == 8
+    assert node.stop() == 0
 
 
 def test_sigterm_is_not_held_by_an_idle_tcp_connection(tmp_path, make_node):

@@ -7,13 +7,11 @@ a pynetdicom Storage SCP with the unrestricted storage service receives.
 from __future__ import annotations
 
 import copy
-import threading
 
 import pydicom
-import pytest
 from pydicom.data import get_testdata_file
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, generate_uid
-from pynetdicom import AE, _config, evt
+from pynetdicom import AE
 
 from conftest import free_port, wait_for
 
@@ -32,36 +30,6 @@ FILES = [
     ("MR_small_RLE.dcm", "1.2.840.10008.1.2.5"),
 ]
 PRIVATE_SOP_CLASS = "1.2.840.113619.4.2.99"  # a vendor's private storage class, unknown to pynetdicom
-
-
-class Receiver:
-    """Unrestricted pynetdicom Storage SCP keeping (SOP class, transfer syntax, pixel bytes) per instance."""
-
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.received: dict[str, tuple[str, str, bytes]] = {}
-        self.lock = threading.Lock()
-
-    def _on_store(self, event) -> int:
-        ds = event.dataset
-        with self.lock:
-            self.received[str(ds.SOPInstanceUID)] = (
-                str(event.context.abstract_syntax), str(event.context.transfer_syntax), ds.PixelData)
-        return 0x0000
-
-    def start(self) -> "Receiver":
-        ae = AE(ae_title="TELERAD")
-        self.server = ae.start_server(("127.0.0.1", self.port), block=False,
-                                      evt_handlers=[(evt.EVT_C_STORE, self._on_store)])
-        return self
-
-
-@pytest.fixture
-def unrestricted():
-    previous = _config.UNRESTRICTED_STORAGE_SERVICE
-    _config.UNRESTRICTED_STORAGE_SERVICE = True
-    yield
-    _config.UNRESTRICTED_STORAGE_SERVICE = previous
 
 
 def prepared(name: str, folder, sop_class: str | None = None):
@@ -88,24 +56,23 @@ def send(port: int, datasets: list) -> list[int]:
     return statuses
 
 
-def test_every_transfer_syntax_and_a_private_class_pass_through(tmp_path, make_node, unrestricted):
+def test_every_transfer_syntax_and_a_private_class_pass_through(tmp_path, make_node, make_scp, unrestricted):
     """Each syntax arrives in the same syntax (deflate as explicit VR LE), pixel data byte-identical; a private class too."""
-    receiver = Receiver().start()
+    receiver = make_scp(unrestricted=True).start()
     node = make_node([("TELERAD", receiver.port)]).start()
     items = [prepared(name, tmp_path) for name, _ in FILES]
     items.append(prepared("CT_small.dcm", tmp_path, sop_class=PRIVATE_SOP_CLASS))
     datasets = [pydicom.dcmread(path) for path, _ in items]
     assert send(node.port, datasets) == [0] * len(datasets)
-    assert wait_for(lambda: len(receiver.received) == len(datasets), 30), f"{len(receiver.received)} arrived"
+    assert wait_for(lambda: len(receiver.uids()) == len(datasets), 30), f"{len(receiver.uids())} arrived"
 
-    arrived = {pixels: (sop_class, syntax) for sop_class, syntax, pixels in receiver.received.values()}
+    arrived = {a.pixel_data: (a.sop_class_uid, a.transfer_syntax) for a in receiver.arrivals}
     for (name, syntax), original in zip(FILES + [("private", "1.2.840.10008.1.2.1")], datasets):
         assert original.PixelData in arrived, f"{name}: pixel data changed or missing"
         sop_class, arrived_syntax = arrived[original.PixelData]
         expected = ExplicitVRLittleEndian if syntax == DeflatedExplicitVRLittleEndian else syntax
         assert arrived_syntax == expected, name
         assert sop_class == str(original.SOPClassUID), name
-    receiver.server.shutdown()
     assert node.stop() == 0
 
 

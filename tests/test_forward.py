@@ -18,10 +18,9 @@ import pytest
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
 from pynetdicom.sop_class import CTImageStorage
 
-from conftest import free_port, wait_for
+from conftest import StorageSCP, free_port, wait_for
 from node.config import Destination
 from node.deid.record import DeidRecord
 from node.forward import Forwarder
@@ -87,56 +86,13 @@ class Queue:
         return self.spool.path_for(uid).exists()
 
 
-class Remote:
-    """An in-process pynetdicom C-STORE SCP that records every request it receives, in order."""
+class Remote(StorageSCP):
+    """The shared in-process Storage SCP (conftest) as this module's remote: CT only, AE title REMOTE."""
 
     def __init__(self, port: int | None = None, ae_title: str = "REMOTE",
                  respond: Callable[[str, int], int | Dataset] = lambda uid, n: 0x0000,
                  require_called_aet: bool = False) -> None:
-        self.port = port or free_port()
-        self.ae_title = ae_title
-        self.respond = respond  # (sop instance uid, how many times seen before) → status
-        self.require_called_aet = require_called_aet
-        self.received: list[tuple[str, int, int]] = []  # (uid, DIMSE priority, status answered)
-        self.lock = threading.Lock()
-        self.server = None
-
-    def _on_store(self, event) -> int | Dataset:
-        uid = str(event.request.AffectedSOPInstanceUID)
-        ds = event.dataset  # decode it: the file's data set must arrive intact
-        assert ds.SOPInstanceUID == uid
-        with self.lock:
-            seen = sum(1 for u, _, _ in self.received if u == uid)
-        answer = self.respond(uid, seen)
-        if answer is None:  # abort the association instead of answering
-            event.assoc.abort()
-            return 0xA700
-        status = answer.Status if isinstance(answer, Dataset) else answer
-        with self.lock:
-            self.received.append((uid, int(event.request.Priority), int(status)))
-        return answer
-
-    def start(self) -> "Remote":
-        ae = AE(ae_title=self.ae_title)
-        ae.add_supported_context(CTImageStorage, ALL_TRANSFER_SYNTAXES)
-        ae.require_called_aet = self.require_called_aet
-        ae.network_timeout = 10
-        self.server = ae.start_server(("127.0.0.1", self.port), block=False,
-                                      evt_handlers=[(evt.EVT_C_STORE, self._on_store)])
-        return self
-
-    def stop(self) -> None:
-        if self.server is not None:
-            self.server.shutdown()
-            self.server = None
-
-    def uids(self, status: int | None = 0x0000) -> list[str]:
-        with self.lock:
-            return [u for u, _, s in self.received if status is None or s == status]
-
-    def times(self, uid: str) -> int:
-        with self.lock:
-            return sum(1 for u, _, _ in self.received if u == uid)
+        super().__init__(port, ae_title, respond, contexts=(CTImageStorage,), require_called_aet=require_called_aet)
 
 
 @pytest.fixture

@@ -136,7 +136,7 @@ def _matches(data: dict[str, list], matcher: Matcher) -> list[tuple[int, int, in
 
 def _merge(regions: list[Region]) -> list[Region]:
     """Each region once, padded by 2 pixels so that anti-aliased edges go with the text."""
-    seen = {}
+    seen: dict[tuple[int, int, int, int], Region] = {}
     for r in regions:
         seen.setdefault((r.x, r.y, r.width, r.height), Region(max(0, r.x - 2), max(0, r.y - 2),
                                                               r.width + 4, r.height + 4, r.kind))

@@ -24,9 +24,10 @@ from __future__ import annotations
 import re
 from typing import Any, Sequence
 
-from pydicom.dataset import FileDataset
+from pydicom.dataset import Dataset, FileDataset
 from pydicom.uid import ExplicitVRLittleEndian
 
+from node import codecs
 from node.config import PixelRule
 
 CLEAN_PIXEL_DATA = {"code": "113101", "meaning": "Clean Pixel Data Option"}
@@ -104,13 +105,14 @@ def _matches(ds: FileDataset, rule: PixelRule) -> bool:
     )
 
 
-def blank(ds: FileDataset, rectangles: Sequence[tuple[int, int, int, int]]) -> None:
+def blank(ds: Dataset, rectangles: Sequence[tuple[int, int, int, int]]) -> None:
     """Blank (x, y, width, height) rectangles in every frame; write native explicit VR little endian.
 
     Raises if the pixel data cannot be decoded: the caller then cannot claim clean pixels.
     """
     syntax = ds.file_meta.TransferSyntaxUID
     if syntax.is_compressed:
+        codecs.require(syntax)  # NoDecoderInstalled: the JPEG extra is not installed (see node/codecs.py)
         ds.decompress(generate_instance_uid=False)  # native; photometric interpretation updated (YBR → RGB)
         syntax = ds.file_meta.TransferSyntaxUID
     pixels: Any = ds.pixel_array.copy()  # YBR comes back as RGB
@@ -135,7 +137,7 @@ def blank(ds: FileDataset, rectangles: Sequence[tuple[int, int, int, int]]) -> N
     ds.BurnedInAnnotation = "NO"
 
 
-def _background(ds: FileDataset) -> int:
+def _background(ds: Dataset) -> int:
     """Black: 0, except MONOCHROME1 where black is the largest stored value."""
     if str(ds.get("PhotometricInterpretation", "")).strip() == "MONOCHROME1":
         bits = int(ds.get("BitsStored", 8) or 8)

@@ -46,3 +46,6 @@ class DeidRecord:
     retained_values: set[str] = field(default_factory=set)
     # per-tag overrides applied after the profile, as "Keyword=action" (no values)
     overrides: tuple[str, ...] = ()
+
+    def __repr__(self) -> str:  # the dataclass repr would print every original: pseudonyms only
+        return f"DeidRecord(pseudo_sop_instance_uid={self.pseudo_sop_instance_uid!r}, originals hidden)"

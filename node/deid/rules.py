@@ -168,7 +168,7 @@ class _Context:
         for elem in self.kept_text:
             kinds = (PERSON_NAME,) if elem.VR == "CS" else None
 
-            def tidy(text: str) -> str:
+            def tidy(text: str, kinds: tuple[str, ...] | None = kinds) -> str:
                 return matcher.remove(self.remap_quoted_uids(text), kinds)
 
             if isinstance(elem.value, bytes):  # UN: searched by the guard as Latin-1, so tidied as such
@@ -277,7 +277,7 @@ class Deidentifier:
     def identity_of(self, ds: Dataset) -> Identity:
         """The identifying values of an original instance, top level, before any walk: what OCR
         looks for in its pixels (the same rows the leak guard takes its needles from)."""
-        values = []
+        values: list[tuple[int, str, str]] = []
         for tag in ds.keys():
             action = self._action(tag)
             if action in (None, "K") or tag >> 16 & 1 or tag in self.descriptors:
