@@ -79,6 +79,19 @@ class Destination:
     parallel: int = 1  # workers (associations) sending to this destination at once
     default: bool = True  # receives instances that no route sends elsewhere
     tls: TLS | None = None  # None: plain TCP
+    # Destinations of other kinds (node/destinations/): "dicom" is C-STORE to ae_title@host:port.
+    kind: str = "dicom"  # "dicom" | "dicomweb" | "s3" | "azure"
+    url: str = ""  # dicomweb: the service root, STOW-RS posts to {url}/studies
+    username: str = ""  # dicomweb: HTTP basic auth user ...
+    password_env: str = ""  # ... whose password is read from this environment variable
+    bearer_token_file: Path | None = None  # dicomweb: a bearer token kept in a 0600 file
+    max_request_mb: int = 64  # dicomweb: bound of one STOW-RS request (an instance above it goes alone)
+    bucket: str = ""  # s3
+    prefix: str = ""  # s3, azure: key prefix of every object
+    endpoint_url: str = ""  # s3: an S3-compatible server instead of AWS
+    region: str = ""  # s3
+    container: str = ""  # azure
+    connection_string_env: str = "AZURE_STORAGE_CONNECTION_STRING"  # azure: the variable that holds it
 
 
 #: Route priority names → queue priority (C-STORE HIGH is 1, MEDIUM 0, LOW -1).
@@ -146,6 +159,7 @@ class Settings:
     operators: tuple[str, ...] = ()  # who may re-identify; empty: anyone who can read the config and keys
     audit_file: Path | None = None  # audit records also appended here as JSON lines (for a SIEM)
     audit_syslog: str = ""  # audit records also sent to syslog: "/dev/log", "host:port" (UDP)
+    stable_seconds: float = 30.0  # [studies]: a study's batch is complete after this long without an instance
     warnings: tuple[str, ...] = ()  # valid but risky settings, logged at start
 
     @property
@@ -323,6 +337,39 @@ ROUTE_KEYS: dict[str, tuple[Any, Any, Check | None]] = {
     "match": (dict, {}, None),
     "priority": (str, "", _one_of("", *PRIORITIES)),
 }
+DESTINATION_KINDS = ("dicom", "dicomweb", "s3", "azure")
+#: Keys every kind shares: the queue's delivery keys.
+DELIVERY_KEYS = ("name", "kind", "batch_size", "retry_delay", "retry_multiplier", "max_retry_delay", "max_failures",
+                 "parallel", "default", "connect_timeout", "network_timeout")
+_ENV_NAME = (lambda v: None if v.replace("_", "").isalnum() and v.isascii() and not v[:1].isdigit()
+             else "must be the name of an environment variable")
+#: Keys of the other kinds, beside the delivery keys.
+KIND_KEYS: dict[str, dict[str, tuple[Any, Any, Check | None]]] = {
+    "dicomweb": {
+        "url": (str, REQUIRED, lambda v: None if v.startswith(("http://", "https://")) else
+                "must be an http:// or https:// URL (the DICOMweb service root)"),
+        "username": (str, "", None),
+        "password_env": (str, "", _ENV_NAME),
+        "bearer_token_file": (str, "", None),
+        "max_request_mb": (int, 64, _positive),
+        "tls": (dict, {}, None),
+    },
+    "s3": {
+        "bucket": (str, REQUIRED, lambda v: None if v.strip() else "must not be empty"),
+        "prefix": (str, "", None),
+        "endpoint_url": (str, "", lambda v: None if not v or v.startswith(("http://", "https://"))
+                         else "must be an http:// or https:// URL"),
+        "region": (str, "", None),
+    },
+    "azure": {
+        "container": (str, REQUIRED, lambda v: None if v.strip() else "must not be empty"),
+        "prefix": (str, "", None),
+        "connection_string_env": (str, "AZURE_STORAGE_CONNECTION_STRING", _ENV_NAME),
+    },
+}
+STUDIES_KEYS: dict[str, tuple[Any, Any, Check | None]] = {
+    "stable_seconds": (NUMBER, 30.0, _positive),
+}
 TYPE_NAMES = {str: "a string", int: "an integer", list: "a list", NUMBER: "a number", dict: "a table",
               bool: "true or false", (str, int): '"auto" or an integer'}
 
@@ -384,7 +431,7 @@ def load(path: str | os.PathLike[str]) -> Settings:
         raise ConfigError(f"{path}: cannot read config file ({exc.strerror})") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML ({exc})") from None
-    known = {"node", "anonymization", "destinations", "routes", "security"}
+    known = {"node", "anonymization", "destinations", "routes", "security", "studies"}
     for key in raw:
         if key not in known:
             raise ConfigError(f"{path}: {key}: unknown section (known: {', '.join(sorted(known))})")
@@ -392,6 +439,7 @@ def load(path: str | os.PathLike[str]) -> Settings:
     node = _section(path, "node", raw.get("node", {}), NODE_KEYS)
     anon = _section(path, "anonymization", raw.get("anonymization", {}), ANON_KEYS)
     security = _section(path, "security", raw.get("security", {}), SECURITY_KEYS)
+    studies = _section(path, "studies", raw.get("studies", {}), STUDIES_KEYS)
     destinations = _destinations(path, raw.get("destinations"), base)
     routes = _routes(path, raw.get("routes", []), {d.name for d in destinations})
     key_file = _resolve(base, anon["key_file"])
@@ -427,6 +475,7 @@ def load(path: str | os.PathLike[str]) -> Settings:
         operators=tuple(o.strip() for o in security["operators"]),
         audit_file=_resolve(base, security["audit_file"]) if security["audit_file"] else None,
         audit_syslog=security["audit_syslog"],
+        stable_seconds=float(studies["stable_seconds"]),
         warnings=_warnings(destinations),
     )
 
@@ -475,7 +524,12 @@ def _warnings(destinations: tuple[Destination, ...]) -> tuple[str, ...]:
     return tuple(
         f"destinations.{d.name}: TLS is off for {d.host}, which is not loopback: the anonymized data "
         "crosses the network in the clear (add a [destinations.tls] table)"
-        for d in destinations if d.tls is None and not d.host.startswith(LOOPBACK)
+        for d in destinations if d.kind == "dicom" and d.tls is None and not d.host.startswith(LOOPBACK)
+    ) + tuple(
+        f"destinations.{d.name}: {d.url} is plain http to a host that is not loopback: the anonymized data "
+        "and the credentials cross the network in the clear (use https://)"
+        for d in destinations if d.kind == "dicomweb" and d.url.startswith("http://")
+        and not d.url[len("http://"):].startswith(LOOPBACK)
     )
 
 
@@ -563,7 +617,11 @@ def _destinations(path: Path, raw: Any, base: Path) -> tuple[Destination, ...]:
         raise ConfigError(f"{path}: destinations: must be an array of tables ([[destinations]])")
     result = []
     for index, item in enumerate(raw):
-        values = _section(path, f"destinations[{index}]", item, DEST_KEYS)
+        kind = item.get("kind", "dicom") if isinstance(item, dict) else "dicom"
+        if kind != "dicom":
+            result.append(_other_destination(path, f"destinations[{index}]", item, base))
+            continue
+        values = _section(path, f"destinations[{index}]", {k: v for k, v in item.items() if k != "kind"}, DEST_KEYS)
         values["tls"] = _destination_tls(path, f"destinations[{index}]", item, base)
         for key in ("connect_timeout", "acse_timeout", "dimse_timeout", "network_timeout",
                     "retry_delay", "retry_multiplier", "max_retry_delay"):
@@ -574,3 +632,34 @@ def _destinations(path: Path, raw: Any, base: Path) -> tuple[Destination, ...]:
         if names.index(name) != index:
             raise ConfigError(f"{path}: destinations[{index}].name: duplicate destination name {name!r}")
     return tuple(result)
+
+
+def _other_destination(path: Path, where: str, raw: dict, base: Path) -> Destination:
+    """A [[destinations]] table of kind dicomweb, s3 or azure: the delivery keys and the kind's own."""
+    kind = raw["kind"]
+    if kind not in KIND_KEYS:
+        raise ConfigError(f"{path}: {where}.kind: must be one of {', '.join(DESTINATION_KINDS)}")
+    spec = {key: DEST_KEYS[key] for key in DELIVERY_KEYS if key in DEST_KEYS} | KIND_KEYS[kind]
+    values = _section(path, where, {k: v for k, v in raw.items() if k != "kind"}, spec)
+    for key in ("connect_timeout", "network_timeout", "retry_delay", "retry_multiplier", "max_retry_delay"):
+        values[key] = float(values[key])
+    if kind == "dicomweb":
+        values["tls"] = _destination_tls(path, where, raw, base)
+        values["bearer_token_file"] = _token_file(path, where, values, base)
+        if values["username"] and not values["password_env"]:
+            raise ConfigError(f"{path}: {where}.password_env: required with username (the variable that holds "
+                              "the password; never the password itself)")
+    return Destination(kind=kind, ae_title="", host="", port=0, **values)
+
+
+def _token_file(path: Path, where: str, values: dict[str, Any], base: Path) -> Path | None:
+    """dicomweb bearer_token_file: a readable file only its owner may read (checked again at each use)."""
+    if not values["bearer_token_file"]:
+        return None
+    if values["username"]:
+        raise ConfigError(f"{path}: {where}.bearer_token_file: give either username/password_env or a bearer token")
+    token = _tls_file(path, f"{where}.bearer_token_file", base, values["bearer_token_file"])
+    assert token is not None
+    if token.stat().st_mode & 0o077:
+        raise ConfigError(f"{path}: {where}.bearer_token_file: {token} is readable by group or others (chmod 600)")
+    return token

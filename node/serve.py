@@ -66,8 +66,9 @@ def run(parts: Parts, stop: threading.Event) -> None:
     spool = Spool(settings.spool_dir)
     spool.cleanup_tmp()
     quarantine = Quarantine(settings.quarantine_dir)
-    forwarders = [Forwarder(d, store, spool, settings.ae_title, quarantine, worker)
-                  for d in settings.destinations for worker in range(d.parallel)]
+    forwarders: list[Any] = [Forwarder(d, store, spool, settings.ae_title, quarantine, worker)
+                             for d in settings.destinations if d.kind == "dicom" for worker in range(d.parallel)]
+    forwarders += _other_kinds(settings, store, spool, quarantine)
     pool = _Workers(parts)
     try:
         pool.start()
@@ -90,6 +91,18 @@ def run(parts: Parts, stop: threading.Event) -> None:
     logger.info("node_stopped")
 
 
+def _other_kinds(settings: config.Settings, store: Store, spool: Spool, quarantine: Quarantine) -> list[Any]:
+    """Workers of the destinations of other kinds (DICOMweb, S3, Azure): the same queue, their batches."""
+    others = [d for d in settings.destinations if d.kind != "dicom"]
+    if not others:
+        return []
+    from node.batches import Batches
+    from node.destinations.worker import workers
+
+    batches = Batches(settings.database, settings.stable_seconds)
+    return [worker for d in others for worker in workers(d, store, spool, batches, quarantine)]
+
+
 def _probe_ports(settings: config.Settings) -> None:
     """Workers bind with SO_REUSEPORT, which would silently share a port with another telenode:
     bind each port once without it first, so a taken port is an error, as users expect."""
@@ -103,7 +116,7 @@ def _probe_ports(settings: config.Settings) -> None:
                 raise StartError(f"cannot listen on {settings.host}:{port}: {exc.strerror}") from None
 
 
-def _stop(pool: "_Workers", forwarders: Sequence[Forwarder], deadline: float) -> None:
+def _stop(pool: "_Workers", forwarders: Sequence[Any], deadline: float) -> None:
     """Workers finish their C-STOREs while forwarders finish their instance; both by the deadline."""
     log.get("node").info("node_stopping")
     for forwarder in forwarders:
