@@ -89,11 +89,12 @@ class _ObjectStore:
 
 # -- S3 -----------------------------------------------------------------------------------------
 
-#: S3 error codes that are destination-wide (credentials, the bucket, throttling, the server).
-S3_WIDE = {"NoSuchBucket", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken",
-           "InvalidToken", "TokenRefreshRequired", "AllAccessDisabled", "AccountProblem", "SlowDown",
-           "ServiceUnavailable", "InternalError", "RequestTimeout", "RequestTimeTooSkewed", "Throttling",
-           "PermanentRedirect", "AuthorizationHeaderMalformed"}
+#: S3 error codes that are destination-wide: credentials refused ...
+S3_AUTH = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken",
+           "TokenRefreshRequired", "AllAccessDisabled", "AccountProblem", "AuthorizationHeaderMalformed"}
+#: ... or throttling, the server, the clock, the wrong region.
+S3_WIDE = {"SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout", "RequestTimeTooSkewed", "Throttling",
+           "PermanentRedirect"}
 
 
 @register("s3")
@@ -114,23 +115,30 @@ class S3(_ObjectStore):
     def _call(self, operation: Callable[..., Any], **kwargs: Any) -> tuple[Any, str]:
         """Run one S3 call: (response, '') or (None, why this object was refused); Unavailable when
         the problem is the destination's."""
-        from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+        from botocore.exceptions import BotoCoreError, ClientError
 
         try:
             return operation(Bucket=self.bucket, **kwargs), ""
-        except ClientError as exc:
-            error = exc.response.get("Error", {})
-            code = str(error.get("Code", ""))
-            status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
-            if code == "NoSuchBucket":
-                raise Unavailable(f"S3: bucket {self.bucket!r} does not exist (the node never creates it)") from None
-            if code in S3_WIDE or status in (401, 403, 408, 429) or status >= 500:
-                raise Unavailable(f"S3: {code or 'HTTP'} ({status}) from {self.bucket!r}") from None
-            return None, f"S3: {code or 'error'} ({status})"
-        except NoCredentialsError:
+        except (ClientError, BotoCoreError) as exc:
+            return None, self._refusal(exc)
+
+    def _refusal(self, exc: Exception) -> str:
+        """Why S3 refused this object; raises Unavailable when the problem is the destination's."""
+        from botocore.exceptions import ClientError, NoCredentialsError
+
+        if isinstance(exc, NoCredentialsError):
             raise Unavailable("S3: no credentials in boto3's chain (environment, profile, role)") from None
-        except BotoCoreError as exc:  # endpoint unreachable, timeouts, TLS
+        if not isinstance(exc, ClientError):  # endpoint unreachable, timeouts, TLS
             raise Unavailable(f"S3: {type(exc).__name__}: {_short(exc)}") from None
+        code = str(exc.response.get("Error", {}).get("Code", ""))
+        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+        if code == "NoSuchBucket":
+            raise Unavailable(f"S3: bucket {self.bucket!r} does not exist (the node never creates it)") from None
+        if code in S3_AUTH or status in (401, 403):
+            raise Unavailable(f"S3: credentials refused ({code}, HTTP {status}) for bucket {self.bucket!r}") from None
+        if code in S3_WIDE or status in (408, 429) or status >= 500:
+            raise Unavailable(f"S3: {code} (HTTP {status}) from bucket {self.bucket!r}") from None
+        return f"S3: {code} (HTTP {status})"
 
     def _put_file(self, name: str, item: Item) -> str:
         meta = metadata(item.batch_id, item.priority_name)
@@ -175,16 +183,18 @@ class S3(_ObjectStore):
         return self._call(self.client.put_object, Key=name, Body=body, ContentType=JSON, Metadata=meta)[1]
 
     def _has(self, name: str, size: int, batch_id: str) -> bool:
-        from botocore.exceptions import ClientError
+        from botocore.exceptions import BotoCoreError, ClientError
 
         try:
             head = self.client.head_object(Bucket=self.bucket, Key=name)
-        except ClientError as exc:
-            if str(exc.response.get("Error", {}).get("Code")) in ("404", "NoSuchKey", "NotFound"):
-                return False
-            self._call(self.client.head_object, Key=name)  # classify it the usual way
-            return False
-        return head.get("ContentLength") == size and head.get("Metadata", {}).get("batch_id") == batch_id
+        except (ClientError, BotoCoreError) as exc:
+            missing = isinstance(exc, ClientError) and exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404
+            if not missing:
+                self._refusal(exc)  # raises Unavailable when it is the destination's problem
+            return False  # not there (or not readable as such): upload it; the key is the same
+        meta = head.get("Metadata", {})
+        # Servers behind a WSGI layer or nginx may turn the underscore into a dash (AWS keeps it).
+        return head.get("ContentLength") == size and batch_id in (meta.get("batch_id"), meta.get("batch-id"))
 
     def close(self) -> None:
         self.client.close()
@@ -224,31 +234,32 @@ class Azure(_ObjectStore):
         return self.container
 
     def _call(self, operation: Callable[[], Any]) -> tuple[Any, str]:
-        from azure.core.exceptions import (
-            AzureError,
-            ClientAuthenticationError,
-            HttpResponseError,
-            ResourceNotFoundError,
-            ServiceRequestError,
-        )
+        """Run one call: (result, '') or (None, why this blob was refused); Unavailable when the
+        problem is the destination's."""
+        from azure.core.exceptions import AzureError
 
         try:
             return operation(), ""
-        except ResourceNotFoundError as exc:
-            if getattr(exc, "error_code", "") == "ContainerNotFound":
-                raise Unavailable(f"Azure: container {self.destination.container!r} does not exist "
-                                  "(the node never creates it)") from None
-            return None, f"Azure: {getattr(exc, 'error_code', '') or 'not found'}"
-        except ClientAuthenticationError as exc:
-            raise Unavailable(f"Azure: credentials refused ({getattr(exc, 'error_code', '') or exc.status_code})") from None
-        except HttpResponseError as exc:
-            status = exc.status_code or 0
-            code = getattr(exc, "error_code", "") or "error"
-            if status in (401, 403, 408, 429) or status >= 500:
-                raise Unavailable(f"Azure: {code} ({status})") from None
-            return None, f"Azure: {code} ({status})"
-        except (ServiceRequestError, AzureError) as exc:  # unreachable, TLS, timeouts
+        except AzureError as exc:
+            return None, self._refusal(exc)
+
+    def _refusal(self, exc: Exception) -> str:
+        """Why Azure refused this blob; raises Unavailable when the problem is the destination's."""
+        from azure.core.exceptions import ClientAuthenticationError, HttpResponseError
+
+        if _code(exc) == "ContainerNotFound":
+            raise Unavailable(f"Azure: container {self.destination.container!r} does not exist "
+                              "(the node never creates it)") from None
+        if isinstance(exc, ClientAuthenticationError):
+            raise Unavailable(f"Azure: credentials refused ({_code(exc) or exc.status_code})") from None
+        if not isinstance(exc, HttpResponseError):  # unreachable, TLS, timeouts
             raise Unavailable(f"Azure: {type(exc).__name__}: {_short(exc)}") from None
+        status, code = exc.status_code or 0, _code(exc) or "error"
+        if status in (401, 403):
+            raise Unavailable(f"Azure: credentials refused ({code}, HTTP {status})") from None
+        if status in (408, 429) or status >= 500:
+            raise Unavailable(f"Azure: {code} ({status})") from None
+        return f"Azure: {code} ({status})"
 
     def _upload(self, name: str, body: Any, length: int, content_type: str, meta: dict[str, str]) -> str:
         from azure.storage.blob import ContentSettings
@@ -266,23 +277,25 @@ class Azure(_ObjectStore):
         return self._upload(name, body, len(body), JSON, meta)
 
     def _has(self, name: str, size: int, batch_id: str) -> bool:
-        from azure.core.exceptions import ResourceNotFoundError
+        from azure.core.exceptions import AzureError
 
-        blob = self._container().get_blob_client(name)
         try:
-            props = blob.get_blob_properties()
-        except ResourceNotFoundError as exc:
-            if getattr(exc, "error_code", "") == "ContainerNotFound":
-                self._call(blob.get_blob_properties)  # raises Unavailable
-            return False
-        except Exception:
-            self._call(blob.get_blob_properties)  # classify it the usual way
-            return False
+            props = self._container().get_blob_client(name).get_blob_properties()
+        except AzureError as exc:
+            if getattr(exc, "status_code", None) != 404 or _code(exc) == "ContainerNotFound":
+                self._refusal(exc)  # raises Unavailable when it is the destination's problem
+            return False  # not there: upload it; the name is the same
         return props.size == size and (props.metadata or {}).get("batch_id") == batch_id
 
     def close(self) -> None:
         if self.container is not None:
             self.container.close()
+
+
+def _code(exc: Any) -> str:
+    """An Azure error's code as text (the SDK gives an enum or a string)."""
+    code = getattr(exc, "error_code", None)
+    return str(getattr(code, "value", code) or "")
 
 
 SECRET = re.compile(r"(sig|AccountKey|SharedAccessSignature|X-Amz-Signature|X-Amz-Credential)=[^&\s;]+", re.IGNORECASE)

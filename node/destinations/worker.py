@@ -55,6 +55,7 @@ class Worker:
         self._thread = threading.Thread(target=self._run, name=f"{destination.kind}-{destination.name}-{worker}",
                                         daemon=True)
         self._backoff = 0  # consecutive destination-wide failures
+        self._claimed: list[int] = []  # queue ids of the batch being sent
 
     def start(self) -> None:
         self._thread.start()
@@ -83,7 +84,9 @@ class Worker:
                 self._step()
             except Exception as exc:  # never let the worker die: the queue would stall silently
                 self.log.error("destination_worker_error", error=type(exc).__name__)
-                self._stop.wait(self._delay())
+                wait = self._delay()
+                self.store.release(self._claimed, wait)  # rows still in flight go back (sent ones stay sent)
+                self._stop.wait(wait)
         try:
             self.kind.close()
         except Exception:  # closing a client that is already broken: nothing to keep
@@ -98,6 +101,7 @@ class Worker:
         if self.index == 0 and not self._close_batches():
             return
         rows = self.store.claim_batch(self.destination.name, self.destination.batch_size)
+        self._claimed = [r["id"] for r in rows]
         if not rows:
             self._idle()
             return
