@@ -172,6 +172,8 @@ class Batches:
             return 0
         now = time.time() if now is None else now
         marks = ",".join("?" * len(destinations))
+        if not self._work(destinations, now):  # the common case: no write transaction at all
+            return 0
         with self._tx():
             rows = self.conn.execute(
                 f"SELECT q.id, q.destination, q.created, s.pseudo_study_instance_uid FROM queue q "
@@ -189,6 +191,17 @@ class Batches:
             self.conn.execute("UPDATE study_batches SET complete = last_arrival + ? WHERE complete IS NULL "
                               "AND last_arrival + ? <= ?", [self.stable_seconds, self.stable_seconds, now])
         return len(rows)
+
+    def _work(self, destinations: Sequence[str], now: float) -> bool:
+        """Whether a row waits for a batch or an open batch is due to complete (read-only)."""
+        marks = ",".join("?" * len(destinations))
+        with self._lock:
+            unassigned = self.conn.execute(
+                f"SELECT 1 FROM queue q LEFT JOIN batch_rows b ON b.queue_id = q.id WHERE b.queue_id IS NULL "
+                f"AND q.destination IN ({marks}) AND q.status IN (?, ?) LIMIT 1", [*destinations, *WAITING]).fetchone()
+            due = self.conn.execute("SELECT 1 FROM study_batches WHERE complete IS NULL AND last_arrival + ? <= ? "
+                                    "LIMIT 1", [self.stable_seconds, now]).fetchone()
+        return bool(unassigned or due)
 
     def _batch_for(self, study: str, arrived: float) -> str:
         """The study's open batch if this arrival is within stable_seconds of its last one, else a new batch."""

@@ -123,6 +123,7 @@ class Scripted:
     def __init__(self, answer: Any) -> None:
         self.answer = answer  # (list of SOP UIDs in the request) → (status, headers, uids to fail)
         self.requests: list[list[str]] = []
+        self.authorizations: list[str] = []
         self.port = free_port()
         outer = self
 
@@ -131,6 +132,7 @@ class Scripted:
                 body = self.rfile.read(int(self.headers["Content-Length"]))
                 uids = _sop_uids(body, self.headers["Content-Type"])
                 outer.requests.append(uids)
+                outer.authorizations.append(self.headers.get("Authorization", ""))
                 code, headers, failed = outer.answer(uids)
                 document = {
                     "00081199": {"vr": "SQ", "Value": [{"00081155": {"vr": "UI", "Value": [u]}}
@@ -226,3 +228,67 @@ def test_throttling_and_refused_credentials_count_against_nothing(make_node, scr
     assert status(node)["failed"] == 0 and len(server.requests) >= 3  # 503, 401, then stored
     log = node.log.read_text()
     assert "HTTP 503" in log and "HTTP 401" in log and "credentials refused" in log
+
+
+def test_stat_goes_before_routine(make_node, scripted, monkeypatch, tmp_path):
+    server = scripted(lambda uids: (200, {}, []))
+    monkeypatch.setenv(PASSWORD_ENV, "x")
+    route = '\n[[routes]]\nname = "er"\ncalling_aets = ["ER_CT"]\npriority = "stat"\n'
+    node = cloud_node(make_node, destination(server.url, "batch_size = 4\n"))
+    node.config.write_text(node.config.read_text() + route)
+    node.start()
+    node.cli("pause", "cloud", check=True)
+    routine = make_study(tmp_path / "routine", instances=8, series=1)
+    stat = make_study(tmp_path / "stat", instances=2, series=1)
+    assert storescu(node.port, routine.files).returncode == 0
+    assert storescu(node.port, stat.files, calling="ER_CT").returncode == 0
+    node.cli("resume", "cloud", check=True)
+    assert wait_for(lambda: status(node)["sent"] == 10, 30), status(node)
+    [view] = [s for s in studies(node) if s["priority"] == "STAT"]
+    assert len(server.requests[0]) == 2 and view["instances"] == 2  # the STAT study went first, alone
+    assert sum(map(len, server.requests)) == 10
+
+
+def test_config_of_the_kinds_names_the_key(tmp_path):
+    from node import config
+
+    def load(table: str) -> None:
+        path = tmp_path / "t.toml"
+        path.write_text(f'[[destinations]]\nname = "cloud"\n{table}')
+        config.load(path)
+
+    for table, key in (('kind = "ftp"\n', r"destinations\[0\]\.kind"),
+                       ('kind = "dicomweb"\n', r"destinations\[0\]\.url"),
+                       ('kind = "dicomweb"\nurl = "ftp://x"\n', r"destinations\[0\]\.url"),
+                       ('kind = "dicomweb"\nurl = "https://x"\nusername = "u"\n', r"destinations\[0\]\.password_env"),
+                       ('kind = "dicomweb"\nurl = "https://x"\nbucket = "b"\n', r"destinations\[0\]\.bucket: unknown"),
+                       ('kind = "s3"\n', r"destinations\[0\]\.bucket"),
+                       ('kind = "azure"\n', r"destinations\[0\]\.container"),
+                       ('kind = "azure"\ncontainer = "c"\nconnection_string_env = "A B"\n',
+                        r"destinations\[0\]\.connection_string_env")):
+        with pytest.raises(config.ConfigError, match=key):
+            load(table)
+    token = tmp_path / "stow.token"
+    token.write_text("secret")
+    token.chmod(0o644)
+    with pytest.raises(config.ConfigError, match="bearer_token_file.*chmod 600"):
+        load(f'kind = "dicomweb"\nurl = "https://x"\nbearer_token_file = "{token}"\n')
+    token.chmod(0o600)
+    load(f'kind = "dicomweb"\nurl = "https://x"\nbearer_token_file = "{token}"\n')
+
+
+def test_bearer_token_from_a_private_file(make_node, scripted, tmp_path):
+    server = scripted(lambda uids: (200, {}, []))
+    token = tmp_path / "stow.token"
+    token.write_text("token-1\n")
+    token.chmod(0o600)
+    table = f'[[destinations]]\nname = "cloud"\nkind = "dicomweb"\nurl = "{server.url}"\nbearer_token_file = "{token}"\n'
+    node = cloud_node(make_node, table).start()
+    study = make_study(tmp_path / "study", instances=2, series=1)
+    assert storescu(node.port, study.files[:1]).returncode == 0
+    assert wait_for(lambda: status(node)["sent"] == 1, 30)
+    token.write_text("token-2\n")  # rotated while the node runs: read again for the next request
+    assert storescu(node.port, study.files[1:]).returncode == 0
+    assert wait_for(lambda: status(node)["sent"] == 2, 30)
+    assert server.authorizations == ["Bearer token-1", "Bearer token-2"]
+    assert "token-1" not in node.log.read_text() and "token-2" not in node.log.read_text()
