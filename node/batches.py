@@ -182,8 +182,10 @@ class Batches:
                 f"LEFT JOIN series s ON s.pseudo_series_instance_uid = i.pseudo_series_instance_uid "
                 f"WHERE b.queue_id IS NULL AND q.destination IN ({marks}) AND q.status IN (?, ?) "
                 f"ORDER BY q.created, q.id", [*destinations, *WAITING]).fetchall()
+            joined: set[tuple[str, str]] = set()
             for queue_id, destination, created, study in rows:
-                batch = self._batch_for(study or "", created)
+                batch = self._batch_for(study or "", created, destination, joined)
+                joined.add((batch, destination))
                 self.conn.execute("INSERT INTO batch_rows (queue_id, batch_id, destination) VALUES (?, ?, ?)",
                                   [queue_id, batch, destination])
                 self.conn.execute("INSERT OR IGNORE INTO batch_states (batch_id, destination) VALUES (?, ?)",
@@ -203,15 +205,25 @@ class Batches:
                                     "LIMIT 1", [self.stable_seconds, now]).fetchone()
         return bool(unassigned or due)
 
-    def _batch_for(self, study: str, arrived: float) -> str:
-        """The study's open batch if this arrival is within stable_seconds of its last one, else a new batch."""
-        row = self.conn.execute("SELECT batch_id, last_arrival FROM study_batches WHERE complete IS NULL AND "
-                                "pseudo_study_instance_uid = ?", [study]).fetchone()
-        if row is not None and arrived - row[1] < self.stable_seconds:
-            self.conn.execute("UPDATE study_batches SET last_arrival = MAX(last_arrival, ?) WHERE batch_id = ?",
-                              [arrived, row[0]])
+    def _batch_for(self, study: str, arrived: float, destination: str, joined: set[tuple[str, str]]) -> str:
+        """The study's batch this arrival belongs to: its latest one if the arrival came within
+        stable_seconds of that batch's last, else a new batch.
+
+        A batch that is already complete takes the row only for a destination that has none of its
+        rows yet (one paused or added meanwhile), or only rows this same assignment added (`joined`):
+        the instances keep their BatchId everywhere, and no destination sees an instance join a batch
+        it may be finishing."""
+        row = self.conn.execute(
+            "SELECT batch_id, last_arrival, complete, EXISTS (SELECT 1 FROM batch_states st WHERE "
+            "st.batch_id = sb.batch_id AND st.destination = ?) FROM study_batches sb "
+            "WHERE pseudo_study_instance_uid = ? ORDER BY last_arrival DESC LIMIT 1", [destination, study]).fetchone()
+        joinable = row is not None and (row[2] is None or not row[3] or (row[0], destination) in joined)
+        if row is not None and joinable and arrived - row[1] < self.stable_seconds:
+            if row[2] is None:
+                self.conn.execute("UPDATE study_batches SET last_arrival = MAX(last_arrival, ?) WHERE batch_id = ?",
+                                  [arrived, row[0]])
             return row[0]
-        if row is not None:  # the study went quiet before this one arrived: that batch is complete
+        if row is not None and row[2] is None:  # the study went quiet before this one arrived: complete
             self.conn.execute("UPDATE study_batches SET complete = last_arrival + ? WHERE batch_id = ?",
                               [self.stable_seconds, row[0]])
         batch = new_batch_id(arrived)

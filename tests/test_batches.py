@@ -180,3 +180,19 @@ def test_recent_studies_by_pseudonym(store, batches):
     assert view["instances"] == 2 and view["priority"] == "STAT" and view["patient_id"] == "TESTORG-AAAAAAAAAAAA"
     assert view["destinations"]["pacs"]["state"] == "sent" and view["destinations"]["s3"]["state"] == "sending"
     assert len(view["batches"]) == 1 and view["batches"][0]["destinations"]["s3"]["state"] == "open"
+
+
+def test_a_destination_that_was_paused_gets_the_same_batch(store, batches):
+    study = Study(store)
+    study.add(3, destinations=("s3", "azure"))
+    batches.assign(["s3"], now=10**10)  # s3's worker ran; the study is complete; azure's was paused
+    send_all(store, "s3")
+    [done] = batches.settled("s3")
+    batches.manifest(done.batch_id, "s3")
+    batches.finish(done.batch_id, "s3")
+    batches.assign(["azure"], now=10**10)
+    assert {r["batch_id"] for r in batches.states()} == {done.batch_id}
+    assert {r["destination"]: r["instances"] for r in batches.states()} == {"s3": 3, "azure": 3}
+    study.add(1, destinations=("s3",))  # within stable_seconds of the others, but s3 has finished that batch:
+    batches.assign(["s3"], now=10**10)  # a new one
+    assert len({r["batch_id"] for r in batches.states()}) == 2

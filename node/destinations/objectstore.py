@@ -28,6 +28,7 @@ from node.destinations import Result, Status, Unavailable, register
 DICOM, JSON = "application/dicom", "application/json"
 PART_SIZE = 8 * 1024 * 1024  # bytes per multipart part / per single PUT at most: the memory bound
 MAX_PARTS = 9_000  # S3 allows 10,000; larger instances get larger parts
+GROUP, GROUP_BYTES = 8, 64 * 1024 * 1024  # objects whose results share one commit (STAT waits at most one group)
 
 
 def key(prefix: str, batch_id: str, name: str) -> str:
@@ -48,21 +49,35 @@ class _ObjectStore:
         self.prefix = destination.prefix
 
     def groups(self, items: Sequence[Item]) -> list[list[Item]]:
-        return [[item] for item in items]
+        """Up to GROUP items (one commit for their results), fewer when they are large."""
+        groups: list[list[Item]] = [[]]
+        for item in items:
+            if len(groups[-1]) >= GROUP or (groups[-1] and sum(i.size for i in groups[-1]) + item.size > GROUP_BYTES):
+                groups.append([])
+            groups[-1].append(item)
+        return [group for group in groups if group]
 
     def send(self, items: Sequence[Item]) -> list[Result]:
-        results = []
+        """One object per item. A destination-wide problem after some were stored returns those (the
+        rest go back to the queue, and the next try meets the problem and backs off)."""
+        results: list[Result] = []
         for item in items:
-            name = key(self.prefix, item.batch_id, item.object_name)
-            if not item.path.exists():  # cannot happen unless someone deleted the spool: say so, don't spin
-                results.append(Result(item, Status.FAIL, "spool file missing"))
-                continue
-            if item.started and self._has(name, item.size, item.batch_id):
-                results.append(Result(item, Status.OK, "already there"))
-                continue
-            refusal = self._put_file(name, item)
-            results.append(Result(item, Status.FAIL, refusal) if refusal else Result(item, Status.OK))
+            try:
+                results.append(self._send_one(item))
+            except Unavailable:
+                if not results:
+                    raise
+                break
         return results
+
+    def _send_one(self, item: Item) -> Result:
+        name = key(self.prefix, item.batch_id, item.object_name)
+        if not item.path.exists():  # cannot happen unless someone deleted the spool: say so, don't spin
+            return Result(item, Status.FAIL, "spool file missing")
+        if item.started and self._has(name, item.size, item.batch_id):
+            return Result(item, Status.OK, "already there")
+        refusal = self._put_file(name, item)
+        return Result(item, Status.FAIL, refusal) if refusal else Result(item, Status.OK)
 
     def put_manifest(self, manifest: Manifest) -> None:
         name = key(self.prefix, manifest.batch_id, "manifest.json")
