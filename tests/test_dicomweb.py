@@ -10,6 +10,7 @@ everything pending with the reason as the destination's last error.
 from __future__ import annotations
 
 import json
+import ssl
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -20,6 +21,7 @@ import pytest
 from conftest import free_port, storescu, wait_for
 from servers import Orthanc, cloud_node
 from studies import make_study
+from test_tls import pki  # noqa: F401 - the test CA and certificates (a fixture)
 
 PASSWORD_ENV = "TELENODE_TEST_STOW_PASSWORD"
 
@@ -120,8 +122,9 @@ def test_wrong_credentials_keep_everything_pending_with_a_clear_error(make_node,
 class Scripted:
     """A STOW-RS endpoint on loopback answering from a script: (status, headers, failed SOP UIDs)."""
 
-    def __init__(self, answer: Any) -> None:
+    def __init__(self, answer: Any, tls: ssl.SSLContext | None = None) -> None:
         self.answer = answer  # (list of SOP UIDs in the request) → (status, headers, uids to fail)
+        self.scheme = "https" if tls else "http"
         self.requests: list[list[str]] = []
         self.authorizations: list[str] = []
         self.port = free_port()
@@ -153,11 +156,13 @@ class Scripted:
                 pass
 
         self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        if tls is not None:
+            self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/dicom-web"
+        return f"{self.scheme}://127.0.0.1:{self.port}/dicom-web"
 
     def stop(self) -> None:
         self.server.shutdown()
@@ -182,8 +187,8 @@ def _sop_uids(body: bytes, content_type: str) -> list[str]:
 def scripted() -> Any:
     servers: list[Scripted] = []
 
-    def factory(answer: Any) -> Scripted:
-        servers.append(Scripted(answer))
+    def factory(answer: Any, tls: ssl.SSLContext | None = None) -> Scripted:
+        servers.append(Scripted(answer, tls))
         return servers[-1]
 
     yield factory
@@ -292,3 +297,21 @@ def test_bearer_token_from_a_private_file(make_node, scripted, tmp_path):
     assert wait_for(lambda: status(node)["sent"] == 2, 30)
     assert server.authorizations == ["Bearer token-1", "Bearer token-2"]
     assert "token-1" not in node.log.read_text() and "token-2" not in node.log.read_text()
+
+
+def test_https_is_verified_against_the_configured_ca(make_node, scripted, pki, monkeypatch, tmp_path):  # noqa: F811
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(pki.server.cert, pki.server.key)
+    server = scripted(lambda uids: (200, {}, []), tls=context)
+    monkeypatch.setenv(PASSWORD_ENV, "x")
+    node = cloud_node(make_node, destination(server.url)).start()  # the system's CAs: the test CA is unknown
+    study = make_study(tmp_path / "study", instances=2, series=1)
+    assert storescu(node.port, study.files).returncode == 0
+    assert wait_for(lambda: "TLS" in (status(node)["last_error"] or ""), 30), status(node)
+    row = status(node)
+    assert "certificate verify failed" in row["last_error"] and row["failed"] == 0 and server.requests == []
+    assert node.stop() == 0
+    node.config.write_text(node.config.read_text().replace(
+        "\n[studies]", f'\n[destinations.tls]\nca_certificates = "{pki.ca}"\n\n[studies]'))
+    node.start()
+    assert wait_for(lambda: status(node)["sent"] == 2, 30), status(node)

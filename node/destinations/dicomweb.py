@@ -52,7 +52,8 @@ class DicomWeb:
         self.limit = destination.max_request_mb * 1024 * 1024
         self.session = requests.Session()
         tls = destination.tls
-        self.session.verify = str(tls.ca_certificates) if tls and tls.ca_certificates else True
+        # Given with each request: requests lets REQUESTS_CA_BUNDLE override a session's own setting.
+        self.verify: str | bool = str(tls.ca_certificates) if tls and tls.ca_certificates else True
         if tls and tls.certificate and tls.private_key:
             self.session.cert = (str(tls.certificate), str(tls.private_key))
 
@@ -75,7 +76,7 @@ class DicomWeb:
         headers = {"Content-Type": f'multipart/related; type="application/dicom"; boundary={body.boundary}',
                    "Accept": "application/dicom+json", **self._auth()}
         try:
-            response = self.session.post(self.endpoint, data=body, headers=headers,
+            response = self.session.post(self.endpoint, data=body, headers=headers, verify=self.verify,
                                          timeout=(self.destination.connect_timeout, self.destination.network_timeout))
         except requests.exceptions.SSLError as exc:
             raise Unavailable(f"TLS: {_reason(exc)}") from None
@@ -220,11 +221,9 @@ def _token(path: Path) -> str:
 
 
 def _reason(exc: BaseException) -> str:
-    """The TLS verification problem, without the adapter's nesting."""
+    """The TLS verification problem, without the adapter's nesting: "certificate verify failed: …"."""
     text = str(exc)
     for marker in ("certificate verify failed", "wrong version number", "handshake failure", "hostname mismatch"):
         if marker in text:
-            start = text.index(marker)
-            return text[start:text.find(")", start) if ")" in text[start:] else None][:200]
+            return text[text.index(marker):].split(" (_ssl.c")[0].rstrip(")'\"")[:200]
     return text.splitlines()[0][:200] if text else type(exc).__name__
-
