@@ -316,6 +316,10 @@ def _batch_summary(settings: config.Settings) -> dict[str, dict[str, int]]:
     return {name: summary.get(name, {"open": 0, "sending": 0, "done": 0, "failed": 0}) for name in others}
 
 
+def _queued(row: dict[str, int]) -> int:
+    return row["pending"] + row["inflight"] + row["sent"] + row["failed"]
+
+
 def cmd_studies(args: argparse.Namespace) -> int:
     """Recent studies by pseudonym: instances, priority, state per destination, batches."""
     from node.batches import Batches, recent_studies
@@ -333,7 +337,7 @@ def cmd_studies(args: argparse.Namespace) -> int:
         return 0
     print(f"{'study (pseudonymous)':<46} {'cloud study id':<17} {'images':>6} {'priority':<8}  destinations")
     for study in studies:
-        states = ", ".join(f"{name} {row['state']} ({row['sent']}/{sum(row[k] for k in ('pending', 'inflight', 'sent', 'failed'))})"
+        states = ", ".join(f"{name} {row['state']} ({row['sent']}/{_queued(row)} sent)"
                            for name, row in study["destinations"].items())
         print(f"{study['study_instance_uid']:<46} {study['cloud_study_id']:<17} {study['instances']:>6} "
               f"{study['priority']:<8}  {states}")

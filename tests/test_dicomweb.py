@@ -69,6 +69,9 @@ def test_study_arrives_complete_and_deidentified(make_node, orthanc, monkeypatch
     assert view["instances"] == 6 and view["destinations"]["cloud"]["sent"] == 6
     assert view["batches"][0]["destinations"]["cloud"]["manifest"] is False  # DICOMweb has no manifest
     assert orthanc.tags(stored[0])["AccessionNumber"] == view["cloud_study_id"]
+    text = node.cli("studies", check=True).stdout
+    assert view["study_instance_uid"] in text and "cloud sent (6/6 sent)" in text and "cloud done" in text
+    assert "batches to cloud: open 0, sending 0, done 1, failed 0" in node.cli("status", check=True).stdout
     assert forwarded(node) == 6 and node.stop() == 0
 
 
