@@ -318,3 +318,18 @@ def test_https_is_verified_against_the_configured_ca(make_node, scripted, pki, m
         "\n[studies]", f'\n[destinations.tls]\nca_certificates = "{pki.ca}"\n\n[studies]'))
     node.start()
     assert wait_for(lambda: status(node)["sent"] == 2, 30), status(node)
+
+
+def test_requests_carry_one_study_each_bounded_in_size(tmp_path):
+    from node.batches import Item
+    from node.config import Destination
+    from node.destinations.dicomweb import DicomWeb
+
+    def item(number: int, study: str, mib: float) -> Item:
+        return Item(queue_id=number, path=tmp_path / f"{number}.dcm", size=int(mib * 1024 * 1024), sop_class_uid="",
+                    transfer_syntax="", priority=0, attempts=0, failures=0, sop_instance_uid=f"2.25.{number}",
+                    series_instance_uid="2.25.9", study_instance_uid=study, batch_id="b", started=False)
+
+    kind = DicomWeb(Destination("cloud", "", "", 0, kind="dicomweb", url="http://127.0.0.1:1", max_request_mb=2))
+    items = [item(1, "A", 0.5), item(2, "B", 0.5), item(3, "A", 1.0), item(4, "A", 5.0), item(5, "A", 0.5)]
+    assert [[i.queue_id for i in group] for group in kind.groups(items)] == [[1, 3], [4], [5], [2]]

@@ -254,3 +254,25 @@ def test_a_missing_bucket_or_container_is_never_created(make_node, view, monkeyp
         assert [b["Name"] for b in view.server.client().list_buckets()["Buckets"]] == [BUCKET]
     else:
         assert not view.server.container("no-such-bucket").exists()
+
+
+def large_instance(folder: Path, mib: int = 12) -> tuple[Path, bytes]:
+    """One CT of about `mib` MiB of native pixels: above the single-request limit (8 MiB)."""
+    study = make_study(folder, instances=1, series=1)
+    ds = pydicom.dcmread(study.files[0])
+    ds.Rows, ds.Columns = 2048, mib * 256
+    pixels = bytes(range(256)) * (ds.Rows * ds.Columns * 2 // 256)
+    ds.PixelData = pixels
+    ds.save_as(study.files[0], enforce_file_format=True)
+    return study.files[0], pixels
+
+
+def test_a_large_instance_goes_in_parts_intact(make_node, view, monkeypatch, tmp_path):
+    node = start(make_node, view, monkeypatch)
+    path, pixels = large_instance(tmp_path / "large")
+    assert storescu(node.port, [path]).returncode == 0
+    assert wait_for(lambda: len(manifests(view)) == 1, 90), node.log.read_text()[-3000:]
+    [key] = dicom_keys(view)
+    body, meta, content_type = view.get(key)
+    assert len(body) > 8 * 1024 * 1024 and content_type == "application/dicom" and meta["priority"] == "ROUTINE"
+    assert pydicom.dcmread(io.BytesIO(body)).PixelData == pixels
