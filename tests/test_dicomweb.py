@@ -219,6 +219,10 @@ def test_a_failed_sop_counts_against_that_instance_only(make_node, scripted, mon
     held = json.loads(node.cli("quarantine", "list", "--json", check=True).stdout)
     assert [(e["kind"], e["sop_instance_uid"]) for e in held] == [("send_failed", bad[0])]
     assert "0xC000" in held[0]["reason"]
+    bad[0] = "fixed"  # the server takes it now: released from the quarantine, it goes out in a batch of its own
+    assert node.cli("quarantine", "retry", "--all").returncode == 0
+    assert wait_for(lambda: status(node)["sent"] == 4 and status(node)["failed"] == 0, 30), status(node)
+    assert wait_for(lambda: len(studies(node)[0]["batches"]) == 2, 30)
 
 
 def test_throttling_and_refused_credentials_count_against_nothing(make_node, scripted, monkeypatch, tmp_path):
