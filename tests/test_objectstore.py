@@ -276,3 +276,18 @@ def test_a_large_instance_goes_in_parts_intact(make_node, view, monkeypatch, tmp
     body, meta, content_type = view.get(key)
     assert len(body) > 8 * 1024 * 1024 and content_type == "application/dicom" and meta["priority"] == "ROUTINE"
     assert pydicom.dcmread(io.BytesIO(body)).PixelData == pixels
+
+
+def test_parallel_workers_upload_each_object_once(make_node, tmp_path, monkeypatch, request):
+    view = S3View(tmp_path / "s3")
+    request.addfinalizer(view.server.stop)
+    view.environment(monkeypatch)
+    node = cloud_node(make_node, view.destination() + "parallel = 3\nbatch_size = 4\n", 1.0).start()
+    study = make_study(tmp_path / "study", instances=20, series=2)
+    assert storescu(node.port, study.files).returncode == 0
+    assert wait_for(lambda: len(manifests(view)) == 1, 60), node.log.read_text()[-3000:]
+    assert len(dicom_keys(view)) == 20 and set(view.versions().values()) == {1}
+    assert manifests(view)[0]["TotalImages"] == 20
+    workers = {json.loads(line).get("worker") for line in node.log.read_text().splitlines()
+               if '"event": "batch_sent"' in line}
+    assert len(workers) > 1  # the work was shared
