@@ -338,6 +338,16 @@ ROUTE_KEYS: dict[str, tuple[Any, Any, Check | None]] = {
     "priority": (str, "", _one_of("", *PRIORITIES)),
 }
 DESTINATION_KINDS = ("dicom", "dicomweb", "s3", "azure")
+
+
+def _http_url(value: str) -> str | None:
+    """An http(s) URL without credentials in it (they would reach logs and `status` with every error)."""
+    if not value.startswith(("http://", "https://")):
+        return "must be an http:// or https:// URL"
+    if "@" in value.split("/")[2]:
+        return "must not hold credentials (user:password@): use username and password_env, or the kind's own"
+    return None
+
 #: Keys every kind shares: the queue's delivery keys.
 DELIVERY_KEYS = ("name", "kind", "batch_size", "retry_delay", "retry_multiplier", "max_retry_delay", "max_failures",
                  "parallel", "default", "connect_timeout", "network_timeout")
@@ -346,8 +356,7 @@ _ENV_NAME = (lambda v: None if v.replace("_", "").isalnum() and v.isascii() and 
 #: Keys of the other kinds, beside the delivery keys.
 KIND_KEYS: dict[str, dict[str, tuple[Any, Any, Check | None]]] = {
     "dicomweb": {
-        "url": (str, REQUIRED, lambda v: None if v.startswith(("http://", "https://")) else
-                "must be an http:// or https:// URL (the DICOMweb service root)"),
+        "url": (str, REQUIRED, lambda v: _http_url(v)),
         "username": (str, "", None),
         "password_env": (str, "", _ENV_NAME),
         "bearer_token_file": (str, "", None),
@@ -357,8 +366,7 @@ KIND_KEYS: dict[str, dict[str, tuple[Any, Any, Check | None]]] = {
     "s3": {
         "bucket": (str, REQUIRED, lambda v: None if v.strip() else "must not be empty"),
         "prefix": (str, "", None),
-        "endpoint_url": (str, "", lambda v: None if not v or v.startswith(("http://", "https://"))
-                         else "must be an http:// or https:// URL"),
+        "endpoint_url": (str, "", lambda v: _http_url(v) if v else None),
         "region": (str, "", None),
     },
     "azure": {

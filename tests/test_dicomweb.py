@@ -272,6 +272,7 @@ def test_config_of_the_kinds_names_the_key(tmp_path):
     for table, key in (('kind = "ftp"\n', r"destinations\[0\]\.kind"),
                        ('kind = "dicomweb"\n', r"destinations\[0\]\.url"),
                        ('kind = "dicomweb"\nurl = "ftp://x"\n', r"destinations\[0\]\.url"),
+                       ('kind = "dicomweb"\nurl = "https://u:p@x/dicom-web"\n', r"destinations\[0\]\.url: must not hold"),
                        ('kind = "dicomweb"\nurl = "https://x"\nusername = "u"\n', r"destinations\[0\]\.password_env"),
                        ('kind = "dicomweb"\nurl = "https://x"\nbucket = "b"\n', r"destinations\[0\]\.bucket: unknown"),
                        ('kind = "s3"\n', r"destinations\[0\]\.bucket"),
