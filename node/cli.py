@@ -323,9 +323,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     returning = _return_queues(settings)
     for name in returning:
         queues.setdefault(name, empty_status())
+    batches = _batch_summary(settings)
     if args.json:
         print(json.dumps({"destinations": queues, "quarantine": quarantined, "quarantine_by_kind": by_kind,
-                          "return_destinations": returning}, indent=2, sort_keys=True))
+                          "return_destinations": returning, "batches": batches}, indent=2, sort_keys=True))
         return 0
     print(f"{'destination':<20} {'state':<7} {'pending':>8} {'sending':>8} {'sent':>8} {'failed':>8} "
           f"{'oldest':>9}  last error")
@@ -338,6 +339,55 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"return path (re-identified, to the hospital): {', '.join(returning)}")
     kinds = ", ".join(f"{kind} {count}" for kind, count in sorted(by_kind.items()))
     print(f"quarantine: {quarantined} instance(s) in {settings.quarantine_dir}" + (f" ({kinds})" if kinds else ""))
+    for name, counts in sorted(batches.items()):
+        print(f"batches to {name}: " + ", ".join(f"{state} {count}" for state, count in counts.items()))
+    return 0
+
+
+def _batch_summary(settings: config.Settings) -> dict[str, dict[str, int]]:
+    """Study batches per destination of another kind, by state (open, sending, done, failed)."""
+    from node.batches import Batches
+
+    others = [d.name for d in settings.destinations if d.kind != "dicom"]
+    if not others or not settings.database.exists():
+        return {}
+    batches = Batches(settings.database, settings.stable_seconds)
+    try:
+        summary = batches.summary()
+    finally:
+        batches.close()
+    return {name: summary.get(name, {"open": 0, "sending": 0, "done": 0, "failed": 0}) for name in others}
+
+
+def _queued(row: dict[str, int]) -> int:
+    return row["pending"] + row["inflight"] + row["sent"] + row["failed"]
+
+
+def cmd_studies(args: argparse.Namespace) -> int:
+    """Recent studies by pseudonym: instances, priority, state per destination, batches."""
+    from node.batches import Batches, recent_studies
+
+    settings = _settings(args)
+    store = _store(settings)  # opens (creates, migrates) the database the batches live in
+    store.close()
+    batches = Batches(settings.database, settings.stable_seconds)
+    try:
+        studies = recent_studies(batches, args.limit)
+    finally:
+        batches.close()
+    if args.json:
+        print(json.dumps({"studies": studies}, indent=2, sort_keys=True))
+        return 0
+    print(f"{'study (pseudonymous)':<46} {'cloud study id':<17} {'images':>6} {'priority':<8}  destinations")
+    for study in studies:
+        states = ", ".join(f"{name} {row['state']} ({row['sent']}/{_queued(row)} sent)"
+                           for name, row in study["destinations"].items())
+        print(f"{study['study_instance_uid']:<46} {study['cloud_study_id']:<17} {study['instances']:>6} "
+              f"{study['priority']:<8}  {states}")
+        for batch in study["batches"]:
+            where = ", ".join(f"{name} {row['state']}" for name, row in batch["destinations"].items())
+            print(f"    batch {batch['batch_id']}: {batch['instances']} image(s), {batch['priority']}, {where}")
+    print(f"{len(studies)} stud{'y' if len(studies) == 1 else 'ies'}")
     return 0
 
 
@@ -591,6 +641,10 @@ def parser() -> argparse.ArgumentParser:
     stat = command("status", "queue per destination: pending, sent, failed")
     stat.add_argument("--json", action="store_true", help="machine-readable output")
     stat.set_defaults(func=cmd_status)
+    studies = command("studies", "recent studies by pseudonym: instances, batches, state per destination, priority")
+    studies.add_argument("--json", action="store_true", help="machine-readable output")
+    studies.add_argument("--limit", type=int, default=50, metavar="N", help="at most N studies (default 50)")
+    studies.set_defaults(func=cmd_studies)
     for name, text in (("pause", "stop sending to a destination (instances are still accepted and queued)"),
                        ("resume", "send to a paused destination again")):
         sub = command(name, text)

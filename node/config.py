@@ -80,6 +80,19 @@ class Destination:
     parallel: int = 1  # workers (associations) sending to this destination at once
     default: bool = True  # receives instances that no route sends elsewhere
     tls: TLS | None = None  # None: plain TCP
+    # Destinations of other kinds (node/destinations/): "dicom" is C-STORE to ae_title@host:port.
+    kind: str = "dicom"  # "dicom" | "dicomweb" | "s3" | "azure"
+    url: str = ""  # dicomweb: the service root, STOW-RS posts to {url}/studies
+    username: str = ""  # dicomweb: HTTP basic auth user ...
+    password_env: str = ""  # ... whose password is read from this environment variable
+    bearer_token_file: Path | None = None  # dicomweb: a bearer token kept in a 0600 file
+    max_request_mb: int = 64  # dicomweb: bound of one STOW-RS request (an instance above it goes alone)
+    bucket: str = ""  # s3
+    prefix: str = ""  # s3, azure: key prefix of every object
+    endpoint_url: str = ""  # s3: an S3-compatible server instead of AWS
+    region: str = ""  # s3
+    container: str = ""  # azure
+    connection_string_env: str = "AZURE_STORAGE_CONNECTION_STRING"  # azure: the variable that holds it
 
 
 #: Route priority names → queue priority (C-STORE HIGH is 1, MEDIUM 0, LOW -1).
@@ -147,6 +160,7 @@ class Settings:
     operators: tuple[str, ...] = ()  # who may re-identify; empty: anyone who can read the config and keys
     audit_file: Path | None = None  # audit records also appended here as JSON lines (for a SIEM)
     audit_syslog: str = ""  # audit records also sent to syslog: "/dev/log", "host:port" (UDP)
+    stable_seconds: float = 30.0  # [studies]: a study's batch is complete after this long without an instance
     warnings: tuple[str, ...] = ()  # valid but risky settings, logged at start
     return_path: "ReturnPath | None" = None  # [return]: results from the reader, re-identified; None: off
     http: "HTTP | None" = None  # the HTTP gateway ([http]); None: no HTTP server
@@ -389,6 +403,50 @@ ROUTE_KEYS: dict[str, tuple[Any, Any, Check | None]] = {
     "match": (dict, {}, None),
     "priority": (str, "", _one_of("", *PRIORITIES)),
 }
+DESTINATION_KINDS = ("dicom", "dicomweb", "s3", "azure")
+
+
+def _http_url(value: str) -> str | None:
+    """An http(s) URL without credentials in it (they would reach logs and `status` with every error)."""
+    if not value.startswith(("http://", "https://")):
+        return "must be an http:// or https:// URL"
+    if "@" in value.split("/")[2]:
+        return "must not hold credentials (user:password@): use username and password_env, or the kind's own"
+    return None
+
+#: Keys every kind shares: the queue's delivery keys.
+DELIVERY_KEYS = ("name", "kind", "batch_size", "retry_delay", "retry_multiplier", "max_retry_delay", "max_failures",
+                 "parallel", "default", "connect_timeout", "network_timeout")
+def _ENV_NAME(v: str) -> str | None:
+    if v.replace("_", "").isalnum() and v.isascii() and not v[:1].isdigit():
+        return None
+    return "must be the name of an environment variable"
+
+#: Keys of the other kinds, beside the delivery keys.
+KIND_KEYS: dict[str, dict[str, tuple[Any, Any, Check | None]]] = {
+    "dicomweb": {
+        "url": (str, REQUIRED, lambda v: _http_url(v)),
+        "username": (str, "", None),
+        "password_env": (str, "", _ENV_NAME),
+        "bearer_token_file": (str, "", None),
+        "max_request_mb": (int, 64, _positive),
+        "tls": (dict, {}, None),
+    },
+    "s3": {
+        "bucket": (str, REQUIRED, lambda v: None if v.strip() else "must not be empty"),
+        "prefix": (str, "", None),
+        "endpoint_url": (str, "", lambda v: _http_url(v) if v else None),
+        "region": (str, "", None),
+    },
+    "azure": {
+        "container": (str, REQUIRED, lambda v: None if v.strip() else "must not be empty"),
+        "prefix": (str, "", None),
+        "connection_string_env": (str, "AZURE_STORAGE_CONNECTION_STRING", _ENV_NAME),
+    },
+}
+STUDIES_KEYS: dict[str, tuple[Any, Any, Check | None]] = {
+    "stable_seconds": (NUMBER, 30.0, _positive),
+}
 TYPE_NAMES = {str: "a string", int: "an integer", list: "a list", NUMBER: "a number", dict: "a table",
               bool: "true or false", (str, int): '"auto" or an integer'}
 
@@ -450,7 +508,8 @@ def load(path: str | os.PathLike[str]) -> Settings:
         raise ConfigError(f"{path}: cannot read config file ({exc.strerror})") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML ({exc})") from None
-    known = {"node", "anonymization", "destinations", "routes", "security", "return", "http", "retention"}
+    known = {"node", "anonymization", "destinations", "routes", "security", "return", "http", "retention",
+             "studies"}
     for key in raw:
         if key not in known:
             raise ConfigError(f"{path}: {key}: unknown section (known: {', '.join(sorted(known))})")
@@ -459,6 +518,7 @@ def load(path: str | os.PathLike[str]) -> Settings:
     anon = _section(path, "anonymization", raw.get("anonymization", {}), ANON_KEYS)
     security = _section(path, "security", raw.get("security", {}), SECURITY_KEYS)
     retention = _section(path, "retention", raw.get("retention", {}), RETENTION_KEYS)
+    studies = _section(path, "studies", raw.get("studies", {}), STUDIES_KEYS)
     destinations = _destinations(path, raw.get("destinations"), base)
     routes = _routes(path, raw.get("routes", []), {d.name for d in destinations})
     key_file = _resolve(base, anon["key_file"])
@@ -503,6 +563,7 @@ def load(path: str | os.PathLike[str]) -> Settings:
         association_request_timeout=float(node["association_request_timeout"]),
         max_pending_per_address=node["max_pending_per_address"],
         retention_sent_days=float(retention["sent_days"]),
+        stable_seconds=float(studies["stable_seconds"]),
     )
 
 
@@ -554,7 +615,12 @@ def _warnings(destinations: tuple[Destination, ...], where: str = "destinations"
     return tuple(
         f"{where}.{d.name}: TLS is off for {d.host}, which is not loopback: the anonymized data "
         "crosses the network in the clear (add a [destinations.tls] table)"
-        for d in destinations if d.tls is None and not d.host.startswith(LOOPBACK)
+        for d in destinations if d.kind == "dicom" and d.tls is None and not d.host.startswith(LOOPBACK)
+    ) + tuple(
+        f"destinations.{d.name}: {d.url} is plain http to a host that is not loopback: the anonymized data "
+        "and the credentials cross the network in the clear (use https://)"
+        for d in destinations if d.kind == "dicomweb" and d.url.startswith("http://")
+        and not d.url[len("http://"):].startswith(LOOPBACK)
     )
 
 
@@ -656,7 +722,11 @@ def _destinations(path: Path, raw: Any, base: Path, where: str = "destinations")
         raise ConfigError(f"{path}: {where}: must be an array of tables ([[{where}]])")
     result = []
     for index, item in enumerate(raw):
-        values = _section(path, f"{where}[{index}]", item, DEST_KEYS)
+        kind = item.get("kind", "dicom") if isinstance(item, dict) else "dicom"
+        if kind != "dicom":
+            result.append(_other_destination(path, f"{where}[{index}]", item, base))
+            continue
+        values = _section(path, f"{where}[{index}]", {k: v for k, v in item.items() if k != "kind"}, DEST_KEYS)
         values["tls"] = _destination_tls(path, f"{where}[{index}]", item, base)
         for key in ("connect_timeout", "acse_timeout", "dimse_timeout", "network_timeout",
                     "retry_delay", "retry_multiplier", "max_retry_delay"):
@@ -679,6 +749,8 @@ def _return(path: Path, raw: Any, base: Path, node: dict[str, Any],
     destinations = _destinations(path, values["destinations"], base, "return.destinations")
     taken = {d.name for d in outbound} | {HL7_QUEUE}
     for index, destination in enumerate(destinations):
+        if destination.kind != "dicom":  # the hospital PACS takes C-STORE; originals never go to a cloud
+            raise ConfigError(f"{path}: return.destinations[{index}].kind: return destinations are C-STORE only")
         if destination.name in taken:  # one queue table: a shared name would mix outbound and return rows
             raise ConfigError(f"{path}: return.destinations[{index}].name: {destination.name!r} is already the "
                               "name of an outbound destination (or reserved); return destinations need their own")
@@ -696,6 +768,8 @@ def _return(path: Path, raw: Any, base: Path, node: dict[str, Any],
     return ReturnPath(ae_title=values["ae_title"], host=host, port=values["port"],
                       allowed_calling_aets=tuple(values["allowed_calling_aets"]), destinations=destinations,
                       tls=_listener_tls(path, values["tls"], base, values["port"], "return.tls"), hl7=hl7)
+
+
 @dataclass(frozen=True)
 class HTTP:
     """[http]: the HTTP gateway (anonymize-stream, batch-prepare, STOW-RS, metrics, status page)."""
@@ -737,3 +811,34 @@ def _http(path: Path, raw: Any, base: Path) -> HTTP | None:
                 allowed_roots=tuple(Path(os.path.realpath(_resolve(base, r))) for r in values["allowed_roots"]),
                 max_request_mb=values["max_request_mb"], batch_wait_seconds=float(values["batch_wait_seconds"]),
                 page_refresh_seconds=values["page_refresh_seconds"], **files)
+
+
+def _other_destination(path: Path, where: str, raw: dict, base: Path) -> Destination:
+    """A [[destinations]] table of kind dicomweb, s3 or azure: the delivery keys and the kind's own."""
+    kind = raw["kind"]
+    if kind not in KIND_KEYS:
+        raise ConfigError(f"{path}: {where}.kind: must be one of {', '.join(DESTINATION_KINDS)}")
+    spec = {key: DEST_KEYS[key] for key in DELIVERY_KEYS if key in DEST_KEYS} | KIND_KEYS[kind]
+    values = _section(path, where, {k: v for k, v in raw.items() if k != "kind"}, spec)
+    for key in ("connect_timeout", "network_timeout", "retry_delay", "retry_multiplier", "max_retry_delay"):
+        values[key] = float(values[key])
+    if kind == "dicomweb":
+        values["tls"] = _destination_tls(path, where, raw, base)
+        values["bearer_token_file"] = _token_file(path, where, values, base)
+        if values["username"] and not values["password_env"]:
+            raise ConfigError(f"{path}: {where}.password_env: required with username (the variable that holds "
+                              "the password; never the password itself)")
+    return Destination(kind=kind, ae_title="", host="", port=0, **values)
+
+
+def _token_file(path: Path, where: str, values: dict[str, Any], base: Path) -> Path | None:
+    """dicomweb bearer_token_file: a readable file only its owner may read (checked again at each use)."""
+    if not values["bearer_token_file"]:
+        return None
+    if values["username"]:
+        raise ConfigError(f"{path}: {where}.bearer_token_file: give either username/password_env or a bearer token")
+    token = _tls_file(path, f"{where}.bearer_token_file", base, values["bearer_token_file"])
+    assert token is not None
+    if token.stat().st_mode & 0o077:
+        raise ConfigError(f"{path}: {where}.bearer_token_file: {token} is readable by group or others (chmod 600)")
+    return token

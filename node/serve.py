@@ -67,8 +67,9 @@ def run(parts: Parts, stop: threading.Event) -> None:
     spool = Spool(settings.spool_dir)
     spool.cleanup_tmp()
     quarantine = Quarantine(settings.quarantine_dir)
-    forwarders = [Forwarder(d, store, spool, settings.ae_title, quarantine, worker)
-                  for d in settings.destinations for worker in range(d.parallel)]
+    forwarders: list[Any] = [Forwarder(d, store, spool, settings.ae_title, quarantine, worker)
+                             for d in settings.destinations if d.kind == "dicom" for worker in range(d.parallel)]
+    forwarders += _other_kinds(settings, store, spool, quarantine)
     returning = _return_path(settings, store, quarantine)
     if settings.http is not None:  # before any worker starts: they inherit the metrics folder
         metrics.enable(settings.data_dir)
@@ -109,7 +110,7 @@ def run(parts: Parts, stop: threading.Event) -> None:
     logger.info("node_stopped")
 
 
-def _gateway(parts: Parts, forwarders: Sequence[Forwarder], pool: "_Workers") -> Any:
+def _gateway(parts: Parts, forwarders: Sequence[Any], pool: "_Workers") -> Any:
     """The HTTP gateway ([http]) in this process, not started yet; None without [http]."""
     if parts.settings.http is None:
         return None
@@ -120,6 +121,18 @@ def _gateway(parts: Parts, forwarders: Sequence[Forwarder], pool: "_Workers") ->
             forwarder.wake()
 
     return Gateway(parts.settings, parts.open_worker, wake, pool.healthy)  # GatewayError is a StartError
+
+
+def _other_kinds(settings: config.Settings, store: Store, spool: Spool, quarantine: Quarantine) -> list[Any]:
+    """Workers of the destinations of other kinds (DICOMweb, S3, Azure): the same queue, their batches."""
+    others = [d for d in settings.destinations if d.kind != "dicom"]
+    if not others:
+        return []
+    from node.batches import Batches
+    from node.destinations.worker import workers
+
+    batches = Batches(settings.database, settings.stable_seconds)
+    return [worker for d in others for worker in workers(d, store, spool, batches, quarantine)]
 
 
 def _probe_ports(settings: config.Settings) -> None:
@@ -152,7 +165,8 @@ def _start_return(returning: returnpath.Service | None) -> None:
         raise StartError(f"return path: cannot listen: {exc.strerror or exc}") from None
 
 
-def _stop(pool: "_Workers", forwarders: Sequence[Forwarder], deadline: float) -> None:
+def _stop(pool: "_Workers", forwarders: Sequence[Any], deadline: float) -> None:
+
     """Workers finish their C-STOREs while forwarders finish their instance; both by the deadline."""
     log.get("node").info("node_stopping")
     for forwarder in forwarders:
