@@ -44,7 +44,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, UID
 from pynetdicom import AE, evt
 
-from node import log, metrics, net, tls
+from node import codecs, log, metrics, net, tls
 from node.config import Destination
 from node.spool import Quarantine, Spool
 from node.store import Store
@@ -401,18 +401,21 @@ class Forwarder:
         if syntax is None:
             self._fail(row, f"remote accepts this SOP class in neither {row['transfer_syntax']} nor uncompressed")
             return "refused"
+        source: Path | Dataset = path
+        if syntax != row["transfer_syntax"]:
+            try:  # decoded before the send: a missing decoder is this instance's failure, not a lost association
+                source = _uncompressed(path)
+            except Exception as exc:  # unreadable, or no decoder installed (codecs.NoDecoderInstalled)
+                self._fail(row, f"cannot read or decompress the spooled instance ({type(exc).__name__})")
+                return "refused"
+            self.log.info("transcoded", sop_instance_uid=uid, from_syntax=row["transfer_syntax"], to_syntax=syntax)
         try:
-            if syntax == row["transfer_syntax"]:
-                status = assoc.send_c_store(path, priority=priority)
-            else:
-                dataset = _uncompressed(path)
-                self.log.info("transcoded", sop_instance_uid=uid, from_syntax=row["transfer_syntax"], to_syntax=syntax)
-                status = assoc.send_c_store(dataset, priority=priority)
+            status = assoc.send_c_store(source, priority=priority)
         except (OSError, RuntimeError) as exc:
             self.log.info("send_interrupted", sop_instance_uid=uid, error=type(exc).__name__)
             return "transient"
-        except Exception as exc:  # the spooled file is unreadable, or cannot be decompressed
-            self._fail(row, f"cannot read or decompress the spooled instance ({type(exc).__name__})")
+        except Exception as exc:  # the spooled file is unreadable
+            self._fail(row, f"cannot read the spooled instance ({type(exc).__name__})")
             return "refused"
         if not isinstance(status, Dataset) or "Status" not in status:
             self.log.info("send_interrupted", sop_instance_uid=uid, error="no response (timeout or abort)")
@@ -485,5 +488,6 @@ def _uncompressed(path: Path) -> Dataset:
     for whichever uncompressed context was accepted. Only for remotes that need it."""
     ds = pydicom.dcmread(path)
     if ds.file_meta.TransferSyntaxUID.is_compressed:
+        codecs.require(ds.file_meta.TransferSyntaxUID)  # names the missing decoder (the GPL one is optional)
         ds.decompress(generate_instance_uid=False)  # pydicom would otherwise mint a new SOP Instance UID
     return ds

@@ -16,7 +16,7 @@ import pytest
 from pydicom.data import get_testdata_file
 from pydicom.pixels.decoders import JPEGLSLosslessDecoder
 
-from conftest import REPO, Node, free_port, listening, wait_for
+from conftest import REPO, Node, dcmtk, free_port, listening, wait_for
 from node import codecs
 from node.config import PixelRule
 from node.deid import Deidentifier, Pseudonymizer
@@ -58,6 +58,54 @@ def test_without_the_jpeg_extra_a_jpeg_ls_image_to_clean_is_held_with_the_reason
     assert outcome.status == SUCCESS  # held, durably: nothing half-decoded was forwarded
     [entry] = quarantine.entries()
     assert entry["kind"] == "burned_in" and "NoDecoderInstalled" in entry["reason"], entry
+
+
+def test_without_the_jpeg_extra_a_jpeg_ls_instance_a_remote_needs_uncompressed_fails_with_the_reason(
+        tmp_path, without_libjpeg, make_storescp):
+    """The forwarder decodes for a remote that takes only uncompressed (DCMTK storescp without +xa);
+    a missing decoder is this instance's failure, quarantined as send_failed, not a lost association
+    retried forever."""
+    from test_forward import Queue
+
+    from node.config import Destination
+    from node.deid.record import DeidRecord
+    from node.forward import Forwarder
+    from node.store import FAILED
+
+    remote = make_storescp()
+    remote.proc = subprocess.Popen([dcmtk("storescp"), "-aet", "REMOTE", "-od", str(remote.folder), str(remote.port)],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    remote.folder.mkdir(parents=True, exist_ok=True)
+    assert wait_for(lambda: listening(remote.port), 15)
+    q = Queue(tmp_path / "node")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds = pydicom.dcmread(get_testdata_file("MR_small_jpeg_ls_lossless.dcm"))  # no decoder without the extra
+    uid = pydicom.uid.generate_uid()
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = uid
+    path = q.spool.path_for(uid)
+    size = q.spool.write(path, lambda handle: ds.save_as(handle, enforce_file_format=True))
+    record = DeidRecord(patient_id="P1", patient_name="P1", pseudo_patient_id="TESTORG-P1",
+                        study_instance_uid="1.2.3", pseudo_study_instance_uid=str(ds.StudyInstanceUID),
+                        series_instance_uid="1.2.3.4", pseudo_series_instance_uid=str(ds.SeriesInstanceUID),
+                        modality="MR", sop_instance_uid="1.2.3.4.5", pseudo_sop_instance_uid=uid,
+                        sop_class_uid=str(ds.SOPClassUID), method_codes=("113100",))
+    q.store.record_instance(record, calling_aet="MODALITY", path=str(path), size=size,
+                            transfer_syntax=str(ds.file_meta.TransferSyntaxUID), destinations=["remote"])
+    quarantine = Quarantine(tmp_path / "quarantine")
+    destination = Destination(name="remote", ae_title="REMOTE", host="127.0.0.1", port=remote.port,
+                              max_failures=1, retry_delay=0.1, max_retry_delay=0.2)
+    forwarder = Forwarder(destination, q.store, q.spool, "TELENODE", quarantine)
+    forwarder.start()
+    try:
+        assert wait_for(lambda: q.count(FAILED) == 1, 30), q.store.status()
+    finally:
+        forwarder.stop(15)
+        q.store.close()
+    entries = quarantine.entries()
+    assert len(entries) == 1 and entries[0]["kind"] == "send_failed", entries
+    assert "NoDecoderInstalled" in entries[0]["reason"], entries
+    assert remote.files() == []
 
 
 def test_decoders_without_gpl_cover_jpeg_baseline_and_jpeg_2000():
