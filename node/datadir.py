@@ -14,8 +14,9 @@ from __future__ import annotations
 import errno
 import os
 import secrets
-import tempfile
 from pathlib import Path
+
+from node import net
 
 
 class DataDirError(Exception):
@@ -69,4 +70,4 @@ def private_incoming(folder: Path) -> None:
     os.chmod(folder, 0o700)
     for leftover in folder.glob("*.dcm"):
         leftover.unlink(missing_ok=True)
-    tempfile.tempdir = str(folder)
+    net.use_incoming_dir(folder)
