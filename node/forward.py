@@ -45,6 +45,7 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, UID
 from pynetdicom import AE, evt
 
 from node import codecs, log, metrics, net, tls
+from node.background import Background
 from node.config import Destination
 from node.spool import Quarantine, Spool
 from node.store import Store
@@ -108,7 +109,7 @@ def _health(store: Store, name: str) -> Health:
         return _HEALTH.setdefault(store, {}).setdefault(name, Health())
 
 
-class Forwarder:
+class Forwarder(Background):
     """One worker thread for one destination (a destination with `parallel = N` has N of them)."""
 
     def __init__(self, destination: Destination, store: Store, spool: Spool, ae_title: str,
@@ -119,9 +120,7 @@ class Forwarder:
         self.quarantine = quarantine
         self.ae_title = ae_title
         self.log = log.get("forward").bind(destination=destination.name, worker=worker)
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"forward-{destination.name}-{worker}", daemon=True)
+        super().__init__(f"forward-{destination.name}-{worker}")
         self._backoff = 0  # consecutive transient failures
         self._health = _health(store, destination.name)
         self._assoc: Any = None  # kept open while instances keep coming (see LINGER)
@@ -136,24 +135,7 @@ class Forwarder:
 
     def start(self) -> None:
         net.configure()  # chunked sending from the spool (idempotent; serve calls it first)
-        self._thread.start()
-
-    def wake(self) -> None:
-        """New work was queued."""
-        self._wake.set()
-
-    def stop(self, timeout: float = 30.0) -> None:
-        """Finish the instance in flight, then stop (the rest goes back to the queue for the next start)."""
-        self.request_stop()
-        self.join(timeout)
-
-    def request_stop(self) -> None:
-        self._stop.set()
-        self._wake.set()
-
-    def join(self, timeout: float) -> None:
-        if self._thread.ident is not None:  # never started (the node failed to start): nothing to join
-            self._thread.join(timeout)
+        super().start()
 
     # -- loop -----------------------------------------------------------------------------------
 

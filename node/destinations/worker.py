@@ -22,11 +22,11 @@ after the destination confirmed it. Nothing acknowledged is lost, no object doub
 from __future__ import annotations
 
 import random
-import threading
 import time
 from collections.abc import Sequence
 
 from node import log
+from node.background import Background
 from node.batches import Batches, Item
 from node.config import Destination
 from node.destinations import Kind, Result, Status, Unavailable, kind_for
@@ -37,7 +37,7 @@ IDLE_WAIT = 5.0  # seconds between looks at the queue when nothing wakes the wor
 PREEMPT_EVERY = 8  # instances between checks for higher-priority (STAT) work, as the C-STORE forwarder
 
 
-class Worker:
+class Worker(Background):
     """Sends one destination's queue through its kind (a destination with `parallel = N` has N)."""
 
     def __init__(self, destination: Destination, store: Store, spool: Spool, batches: Batches,
@@ -50,31 +50,9 @@ class Worker:
         self.index = worker
         self.kind = kind if kind is not None else kind_for(destination)
         self.log = log.get("destination").bind(destination=destination.name, kind=destination.kind, worker=worker)
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"{destination.kind}-{destination.name}-{worker}",
-                                        daemon=True)
+        super().__init__(f"{destination.kind}-{destination.name}-{worker}")
         self._backoff = 0  # consecutive destination-wide failures
         self._claimed: list[int] = []  # queue ids of the batch being sent
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def wake(self) -> None:
-        """New work was queued."""
-        self._wake.set()
-
-    def stop(self, timeout: float = 30.0) -> None:
-        self.request_stop()
-        self.join(timeout)
-
-    def request_stop(self) -> None:
-        self._stop.set()
-        self._wake.set()
-
-    def join(self, timeout: float) -> None:
-        if self._thread.ident is not None:
-            self._thread.join(timeout)
 
     # -- loop -----------------------------------------------------------------------------------
 
