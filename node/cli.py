@@ -288,6 +288,10 @@ def cmd_reidentify(args: argparse.Namespace) -> int:
     settings = _settings(args)
     log.configure(settings.log_format, settings.log_level)
     _check_keys(settings)
+    try:
+        _used(settings)
+    except Fatal as exc:  # nothing was ever recorded here: the value is unknown (exit 1, as for any unknown value)
+        raise Fatal(f"{exc}; {args.value!r} is not a known pseudonym", 1) from None
     store = _reader(settings)
     request = _request(args)
     try:
@@ -308,11 +312,17 @@ def cmd_reidentify(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     settings = _settings(args)
-    store = _reader(settings)
     try:
-        queues = store.status()
-    finally:
-        store.close()
+        _used(settings)
+    except Fatal as exc:  # no node has run here yet: its queues are empty; say so, create nothing
+        print(exc, file=sys.stderr)
+        queues: dict[str, dict] = {}
+    else:
+        store = _reader(settings)
+        try:
+            queues = store.status()
+        finally:
+            store.close()
     held = Quarantine(settings.quarantine_dir).entries() if settings.quarantine_dir.exists() else []
     quarantined = len(held)
     by_kind: dict[str, int] = {}

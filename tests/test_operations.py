@@ -148,8 +148,23 @@ def test_a_taken_port_is_one_line(make_node):
     assert "cannot listen on 127.0.0.1" in one_line(result)
 
 
-@pytest.mark.parametrize("command", [("status",), ("status", "--json"), ("reidentify", "TESTORG-ABC"),
-                                     ("audit", "verify"), ("audit", "show"), ("keys", "status"),
+@pytest.mark.parametrize("command, status", [(("status",), 0), (("status", "--json"), 0),
+                                             (("reidentify", "TESTORG-ABC"), 1)])
+def test_status_and_reidentify_on_an_unused_data_dir_answer_empty_or_unknown_and_create_nothing(
+        make_node, command, status):
+    """status shows empty queues (a monitoring script keeps working) and reidentify says unknown
+    (exit 1, as the contract says for any unknown value); both say no node has used the data_dir."""
+    node = make_node([("TELERAD", free_port())])
+    result = run(node, *command)
+    assert result.returncode == status, result.stderr
+    assert "no node has used data_dir" in result.stderr and str(node.folder / "var") in result.stderr
+    if "--json" in command:
+        answer = json.loads(result.stdout)
+        assert answer["destinations"]["remote0"]["pending"] == 0 and answer["quarantine"] == 0
+    assert not (node.folder / "var").exists()
+
+
+@pytest.mark.parametrize("command", [("audit", "verify"), ("audit", "show"), ("keys", "status"),
                                      ("pause", "remote0"), ("backup", "--output", "copy.sqlite"),
                                      ("quarantine", "show", "20261201T000000-abcd"), ("quarantine", "retry", "--all"),
                                      ("quarantine", "export", "20261201T000000-abcd", "--output", "x.dcm")])
