@@ -125,6 +125,10 @@ class Forwarder(Background):
         self._health = _health(store, destination.name)
         self._assoc: Any = None  # kept open while instances keep coming (see LINGER)
         self._proposed: set[tuple[str, str]] = set()
+        # Sent rows not yet recorded: recorded with the next claim, in its transaction (one commit per
+        # step instead of two), or at once when the worker is about to wait (see _flush).
+        self._sent_ids: list[int] = []
+        self._sent_uids: list[str] = []
         self._tls: ssl.SSLContext | None = None
         self._tls_error = ""  # the client context could not be built (unreadable certificate or key)
         if destination.tls is not None:
@@ -146,8 +150,16 @@ class Forwarder(Background):
             except Exception as exc:  # never let the worker die: the queue would stall silently
                 self.log.error("forwarder_error", error=type(exc).__name__)
                 self._close_quietly()
+                self._flush_quietly()
                 self._stop.wait(self._delay())
+        self._flush_quietly()
         self._close_quietly()
+
+    def _flush_quietly(self) -> None:
+        try:
+            self._flush()
+        except Exception as exc:  # the rows stay in flight: sent again after a restart, never lost
+            self.log.error("forwarder_error", error=type(exc).__name__)
 
     def _close_quietly(self) -> None:
         try:
@@ -157,11 +169,12 @@ class Forwarder(Background):
 
     def _step(self) -> None:
         if self.store.is_paused(self.destination.name):
+            self._flush()
             self._close()
             self._wake.wait(1.0)
             self._wake.clear()
             return
-        batch = self.store.claim_batch(self.destination.name, self.destination.batch_size)
+        batch = self._flush(claim=True)
         if not batch:
             self._idle()
             return
@@ -169,6 +182,7 @@ class Forwarder(Background):
         if wait is None:
             self._backoff = 0
         else:
+            self._flush()
             self._close_quietly()
             self._wait_or_probe(wait)
 
@@ -294,49 +308,55 @@ class Forwarder(Background):
             return None
         if not assoc.is_established:
             return self._postpone(rows, self._not_established(assoc))
-        sent: list[int] = []
-        uids: list[str] = []
-        recorded, last_record = 0, time.monotonic()
+        sent = 0
+        last_record = time.monotonic()
         wait: float | None = None
-        try:
-            for index, row in enumerate(rows):
-                if self._stop.is_set() or self._preempted(index, row):
+        for index, row in enumerate(rows):
+            if self._stop.is_set() or self._preempted(index, row):
+                self.store.release([r["id"] for r in rows[index:]])
+                break
+            outcome = self._store_one(assoc, row)
+            if outcome == "sent":
+                sent += 1
+                self._sent_ids.append(row["id"])
+                self._sent_uids.append(row["pseudo_sop_instance_uid"])
+                if time.monotonic() - last_record >= RECORD_EVERY:  # status follows the remote
+                    self._flush()
+                    last_record = time.monotonic()
+            elif outcome == "transient":
+                self._health.interrupted.add(row["pseudo_sop_instance_uid"])
+                if reused and not sent:
+                    # The remote dropped an association we kept open (idle timeout): reconnect now.
                     self.store.release([r["id"] for r in rows[index:]])
-                    break
-                outcome = self._store_one(assoc, row)
-                if outcome == "sent":
-                    sent.append(row["id"])
-                    uids.append(row["pseudo_sop_instance_uid"])
-                    if time.monotonic() - last_record >= RECORD_EVERY:  # status follows the remote
-                        self._record_sent(sent[recorded:], uids[recorded:])
-                        recorded, last_record = len(sent), time.monotonic()
-                elif outcome == "transient":
-                    self._health.interrupted.add(row["pseudo_sop_instance_uid"])
-                    if reused and not sent:
-                        # The remote dropped an association we kept open (idle timeout): reconnect now.
-                        self.store.release([r["id"] for r in rows[index:]])
-                        self._close_quietly()
-                        return None
-                    wait = self._postpone(rows[index:], "association lost while sending")
-                    break
-        finally:
-            self._record_sent(sent[recorded:], uids[recorded:])
+                    self._close_quietly()
+                    return None
+                wait = self._postpone(rows[index:], "association lost while sending")
+                break
         if sent:
-            self.log.info("batch_sent", instances=len(sent), contexts=len(contexts), reused=reused,
+            self.log.info("batch_sent", instances=sent, contexts=len(contexts), reused=reused,
                           tls=self._tls is not None)
         return wait
 
-    def _record_sent(self, ids: list[int], uids: list[str]) -> None:
-        """Mark rows sent, with their audit record in the same commit; drop spool files no one needs."""
+    def _flush(self, claim: bool = False) -> list[dict[str, Any]]:
+        """Mark the rows sent so far sent, with their audit record, and with `claim` take the next
+        batch, all in one commit; then drop spool files no one needs. Returns the claimed rows.
+
+        Recording a batch of one and claiming the next were two commits (two WAL fsyncs) per
+        instance when instances trickle in one by one, as they do behind a sender.
+        """
+        ids, uids = self._sent_ids, self._sent_uids
         if not ids:
-            return
+            return self.store.claim_batch(self.destination.name, self.destination.batch_size) if claim else []
         with self.store.batch():
             done = self.store.mark_sent(ids)
             self.store.audit("forwarded", destination=self.destination.name, count=len(ids),
                              sop_instance_uids=uids, tls=self._tls is not None)
+            batch = self.store.claim_batch(self.destination.name, self.destination.batch_size) if claim else []
+        self._sent_ids, self._sent_uids = [], []
         for path in done:
             self.spool.remove(path)
         metrics.count("forwarded", self.destination.name, len(ids))
+        return batch
 
     def _not_established(self, assoc: Any) -> str:
         """Why the association did not come up; a TLS failure names the certificate problem."""

@@ -6,8 +6,8 @@ changes underneath:
 
 - `configure()` (called at start by the supervisor and by each SCP worker through
   `scp.start`; `Forwarder.start` calls it too, idempotent): pynetdicom's process-wide
-  switches (chunked receive/send, unrestricted storage), our transfer syntax
-  choice in its unrestricted negotiation, and its loggers at debug level.
+  switches (chunked receive/send, unrestricted storage, no per-PDU log handlers), our
+  transfer syntax choice in its unrestricted negotiation, and its loggers at debug level.
 - per association: its TCP socket, the called AE title of a request, the reason
   of an A-ASSOCIATE-RJ, a bounded send queue, and the guard against the
   reactor stealing a response (the stall of issue 11, see `guard_reactor`).
@@ -54,6 +54,10 @@ def configure(storage_syntaxes: Sequence[str] = ()) -> None:
     syntaxes it accepts, in order of preference; the sending side (forwarders) passes none."""
     global _storage_syntaxes
     quiet_library_log()  # every time: log.configure() (re)installs its own bridge
+    # pynetdicom's "standard" handlers format a description of every PDU and DIMSE message at
+    # debug level whether or not anyone logs it (~1 ms of CPU per instance on each side, issue 15);
+    # its debug lines are not collected (quiet_library_log), so the work was thrown away.
+    _config.LOG_HANDLER_LEVEL = "none"
     # Sent files are streamed from disk in PDU-sized chunks instead of decoded into memory.
     _config.STORE_SEND_CHUNKED_DATASET = True
     acse.negotiate_unrestricted = negotiate  # pynetdicom's acse module calls it by this name
@@ -169,8 +173,14 @@ class _SendQueue(queue.Queue):  # type: ignore[type-arg]
 
     def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
         deadline = time.monotonic() + self.timeout
-        while self.qsize() >= MAX_QUEUED_PDUS and self.assoc.is_established and time.monotonic() < deadline:
-            time.sleep(0.0005)
+        # Woken by each get() (Queue.get notifies not_full), not by polling: a sleep-poll of 0.5 ms
+        # woke the sender ~2000 times a second while a large instance went out (issue 15).
+        with self.not_full:
+            while self._qsize() >= MAX_QUEUED_PDUS and self.assoc.is_established:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self.not_full.wait(min(remaining, 0.05))  # looks at the association again at least this often
         super().put(item, block, timeout)
 
 

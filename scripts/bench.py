@@ -72,6 +72,10 @@ def disk_kind(device: str) -> str:
     return "rotational unknown"
 
 
+def load_text() -> str:
+    return "load average " + " ".join(f"{v:.2f}" for v in os.getloadavg())
+
+
 def machine_line(work: Path) -> str:
     import pydicom
     import pynetdicom
@@ -87,7 +91,7 @@ def machine_line(work: Path) -> str:
     dcmtk_version = next((w.lstrip("v") for w in banner.split() if w.startswith("v3.")), "?")
     return (f"machine: {cpu}, {os.cpu_count()} cores; data dir {work} on {device} ({fstype}, {disk_kind(device)}); "
             f"Python {platform.python_version()}, pynetdicom {pynetdicom.__version__}, pydicom {pydicom.__version__}, "
-            f"DCMTK {dcmtk_version}, Orthanc {peers.orthanc_version()}")
+            f"DCMTK {dcmtk_version}, Orthanc {peers.orthanc_version()}; {load_text()} at the end")
 
 
 # --- one run of each path ------------------------------------------------------------------------
@@ -190,6 +194,15 @@ def rss_text(peaks: list[Peak]) -> str:
     return f"max {max(p[0] for p in peaks):.0f} / sum {top[1]:.0f} / PSS {pss:.0f} ({top[2]} procs)"
 
 
+def cpu_text(peaks: list[Peak], count: int) -> str:
+    """Median CPU ms per image of the root process and of the rest of its tree."""
+    if not peaks:
+        return ""
+    main = statistics.median(p.cpu_main for p in peaks) * 1000 / count
+    rest = statistics.median(p.cpu_children for p in peaks) * 1000 / count
+    return f"cpu ms/img: main {main:.1f}" + (f" + children {rest:.1f}" if rest else "")
+
+
 KEEP_LOGS: Path | None = None  # --keep-logs: each run's logs are copied here before its folder goes
 
 
@@ -233,7 +246,7 @@ class Row:
             return f"{self.label:44} FAILED: {self.error.splitlines()[0] if self.error else 'no run'}"
         med = self.median
         return (f"{self.label:44} {spread(self.seconds):>22} {count / med:9.1f} {megabytes / med:8.1f}   "
-                f"{rss_text(self.peaks)}")
+                f"{rss_text(self.peaks)}  {cpu_text(self.peaks, count)}")
 
 
 def ratio_line(label: str, numerator: Row, denominator: Row) -> str:
@@ -244,6 +257,36 @@ def ratio_line(label: str, numerator: Row, denominator: Row) -> str:
             return f"{label:44} n/a ({row.label} failed)"
     value = denominator.median / numerator.median  # throughput ratio = inverse time ratio
     return f"{label:44} {value:8.2f}   ({numerator.median / denominator.median:.2f}× the time)"
+
+
+def ratio(numerator: Row, denominator: Row) -> float | None:
+    """Throughput ratio numerator / denominator from the medians, None when either did not run."""
+    if numerator.median is None or denominator.median is None:
+        return None
+    return denominator.median / numerator.median
+
+
+def target_line(label: str, value: float | None, goal: float, unit: str = "×", below: bool = False) -> str:
+    """One of issue 15's targets: the measured value, the goal, and met / not met."""
+    if value is None:
+        return f"  {label:42} {'n/a':>8}   target {'<' if below else '≥'} {goal:g}{unit}: not measured"
+    met = value < goal if below else value >= goal
+    return (f"  {label:42} {value:8.2f}{unit}  target {'<' if below else '≥'} {goal:g}{unit}: "
+            f"{'met' if met else 'NOT met'}")
+
+
+def targets(rows: dict[str, Row], large_rows: dict[str, Row]) -> list[str]:
+    """Issue 15's targets (one sender, CT+MR corpus, de-identification and fsync-before-Success on)."""
+    large = large_rows.get("telenode")
+    pss = max((p[3] for p in large.peaks), default=None) if large else None
+    return [
+        "targets (issue 15):",
+        target_line("telenode / Orthanc (b) anonymize+forward", ratio(rows["telenode"], rows["orthanc_b"]), 1.3),
+        target_line("telenode / Orthanc (a) forward only", ratio(rows["telenode"], rows["orthanc_a"]), 0.8),
+        target_line("telenode / bare pynetdicom SCP", ratio(rows["telenode"], rows["pyscp"]), 0.5),
+        target_line("two senders / one sender (telenode)", ratio(rows["two"], rows["telenode"]), 1.2),
+        target_line("large instance: PSS of the node's tree", pss, 200, " MB", below=True),
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -274,6 +317,7 @@ def main(argv: list[str] | None = None) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, interrupted)
+    load_at_start = load_text()
     root = Path(tempfile.mkdtemp(prefix="telenode-bench-", dir=work))
     try:
         data = root / "corpus"
@@ -326,9 +370,11 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(root, ignore_errors=True)
 
     print(machine)
+    print(f"{load_at_start} at the start (2 cores: other work on the machine slows every row)")
     print(f"corpus: {args.ct} CT 512x512x16 bit + {args.mr} MR 256x256x16 bit = {count} instances, "
           f"{megabytes:.0f} MB; {args.repeat} run(s) each; median (min–max)")
-    print(f"{'':44} {'seconds':>22} {'images/s':>9} {'MB/s':>8}   peak memory MB: VmHWM, PSS of the tree")
+    print(f"{'':44} {'seconds':>22} {'images/s':>9} {'MB/s':>8}   peak memory MB: VmHWM, PSS of the tree; "
+          f"CPU ms per image (telenode: main = supervisor + forwarder, children = SCP workers)")
     for row in rows.values():
         print(row.line(count, megabytes))
     print("ratios of throughput (images/s), from the medians:")
@@ -345,6 +391,8 @@ def main(argv: list[str] | None = None) -> int:
             print(row.line(1, large_mb))
     else:
         print("large instance: skipped (--large-mib 0)")
+    for line in targets(rows, large_rows):
+        print(line)
     print(f"in process, per CT header ({len(per_step['parse'])} instances), ms:")
     for name, values in per_step.items():
         print(f"  {name:42} {spread(values):>22}")

@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 REPO = Path(__file__).resolve().parent.parent
 ENV = dict(os.environ, TCP_NODELAY="1")  # DCMTK: no Nagle, or each C-STORE waits out a delayed ACK
@@ -183,7 +183,24 @@ def pss_kb(pid: int) -> int:
     return 0
 
 
-Peak = tuple[float, float, int, float]  # max VmHWM of one process, sum of VmHWM, processes, peak PSS sum (MB)
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds the process has used so far (/proc/PID/stat, fields 14 and 15)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class Peak(NamedTuple):
+    """A process tree's memory peaks and CPU use over one run."""
+
+    max_mb: float  # max VmHWM of one process
+    sum_mb: float  # sum of VmHWM over the tree
+    processes: int
+    pss_mb: float  # peak PSS sum over the tree
+    cpu_main: float  # CPU seconds of the root process (telenode: supervisor and forwarders)
+    cpu_children: float  # CPU seconds of every other process of the tree (telenode: SCP workers)
 
 
 class TreePeak:
@@ -194,7 +211,9 @@ class TreePeak:
     def __init__(self, root: int, interval: float = 0.25) -> None:
         self.root, self.interval = root, interval
         self.peaks: dict[int, int] = {}
+        self.cpu: dict[int, float] = {}  # last CPU seconds seen per process
         self.pss_peak = 0
+        self.cpu_start = {pid: cpu_seconds(pid) for pid in tree(root)}  # start-up is not the run's cost
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -206,6 +225,7 @@ class TreePeak:
             if hwm > self.peaks.get(pid, 0):
                 self.peaks[pid] = hwm
             pss += pss_kb(pid)
+            self.cpu[pid] = max(self.cpu.get(pid, 0.0), cpu_seconds(pid))
         self.pss_peak = max(self.pss_peak, pss)
 
     def _run(self) -> None:
@@ -213,12 +233,14 @@ class TreePeak:
             self.sample()
 
     def finish(self) -> Peak:
-        """(max of one process MB, sum over the tree MB, number of processes, peak PSS sum MB)."""
+        """Memory peaks and CPU seconds of the tree, from the start until now."""
         self._stop.set()
         self._thread.join()
         self.sample()
         values = list(self.peaks.values()) or [0]
-        return max(values) / 1024, sum(values) / 1024, len(self.peaks), self.pss_peak / 1024
+        main = self.cpu.get(self.root, 0.0) - self.cpu_start.get(self.root, 0.0)
+        rest = sum(v - self.cpu_start.get(pid, 0.0) for pid, v in self.cpu.items() if pid != self.root)
+        return Peak(max(values) / 1024, sum(values) / 1024, len(self.peaks), self.pss_peak / 1024, main, rest)
 
 
 # --- the remote: DCMTK storescp ------------------------------------------------------------------
