@@ -33,6 +33,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from node.store.queue import QueueRow
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS study_batches (
     batch_id TEXT PRIMARY KEY,
@@ -236,7 +238,7 @@ class Batches:
             row = self.conn.execute("SELECT MIN(last_arrival) FROM study_batches WHERE complete IS NULL").fetchone()
         return None if row[0] is None else row[0] + self.stable_seconds
 
-    def items(self, rows: Sequence[dict[str, Any]]) -> list[Item]:
+    def items(self, rows: Sequence[QueueRow]) -> list[Item]:
         """The claimed queue rows (store.claim_batch) as items with their batch; rows without one are left out."""
         if not rows:
             return []
@@ -246,13 +248,13 @@ class Batches:
             f"s.pseudo_study_instance_uid AS study FROM batch_rows b JOIN queue q ON q.id = b.queue_id "
             f"JOIN instances i ON i.pseudo_sop_instance_uid = q.pseudo_sop_instance_uid "
             f"JOIN series s ON s.pseudo_series_instance_uid = i.pseudo_series_instance_uid "
-            f"WHERE b.queue_id IN ({marks})", [r["id"] for r in rows])}
-        return [Item(queue_id=r["id"], path=Path(r["path"]), size=r["size"], sop_class_uid=r["sop_class_uid"],
-                     transfer_syntax=r["transfer_syntax"], priority=r["priority"], attempts=r["attempts"],
-                     failures=r["failures"], sop_instance_uid=r["pseudo_sop_instance_uid"],
-                     series_instance_uid=found[r["id"]]["series"], study_instance_uid=found[r["id"]]["study"],
-                     batch_id=found[r["id"]]["batch_id"], started=bool(found[r["id"]]["started"]))
-                for r in rows if r["id"] in found]
+            f"WHERE b.queue_id IN ({marks})", [r.id for r in rows])}
+        return [Item(queue_id=r.id, path=Path(r.path), size=r.size, sop_class_uid=r.sop_class_uid,
+                     transfer_syntax=r.transfer_syntax, priority=r.priority, attempts=r.attempts,
+                     failures=r.failures, sop_instance_uid=r.pseudo_sop_instance_uid,
+                     series_instance_uid=found[r.id]["series"], study_instance_uid=found[r.id]["study"],
+                     batch_id=found[r.id]["batch_id"], started=bool(found[r.id]["started"]))
+                for r in rows if r.id in found]
 
     def mark_started(self, items: Sequence[Item]) -> None:
         """Uploads of these items begin: after a kill they are looked for before being written again."""

@@ -31,7 +31,7 @@ from node.lock import DataDirInUse, DataDirLock
 from node.pipeline import Held, Pipeline, Rejected, Safeguards
 from node.release import Releaser
 from node.routing import Router
-from node.spool import Quarantine, Spool, atomic_write, copier
+from node.spool import Quarantine, QuarantineEntry, Spool, atomic_write, copier
 from node.store import Store, empty_status
 
 EXIT_CONFIG = 2
@@ -327,7 +327,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     quarantined = len(held)
     by_kind: dict[str, int] = {}
     for entry in held:
-        by_kind[entry.get("kind", "other")] = by_kind.get(entry.get("kind", "other"), 0) + 1
+        by_kind[entry.kind or "other"] = by_kind.get(entry.kind or "other", 0) + 1
     for destination in settings.destinations:
         queues.setdefault(destination.name, empty_status())
     returning = _return_queues(settings)
@@ -440,17 +440,17 @@ def cmd_quarantine_list(args: argparse.Namespace) -> int:
     settings = _settings(args)
     entries = Quarantine(settings.quarantine_dir).entries() if settings.quarantine_dir.exists() else []
     if args.json:
-        print(json.dumps(entries, indent=2, sort_keys=True))
+        print(json.dumps([entry.as_dict() for entry in entries], indent=2, sort_keys=True))
         return 0
     print(f"{'id':<26} {'time':<21} {'kind':<12} {'destination':<14} reason")
     for entry in entries:
-        print(f"{entry['id']:<26} {entry.get('time', ''):<21} {entry.get('kind', ''):<12} "
-              f"{entry.get('destination', '') or '-':<14} {entry.get('reason', '')}")
+        print(f"{entry.id:<26} {entry.time:<21} {entry.kind:<12} "
+              f"{entry.destination or '-':<14} {entry.reason}")
     print(f"{len(entries)} instance(s) in quarantine")
     return 0
 
 
-def _held(settings: config.Settings, qid: str) -> tuple[Quarantine, dict]:
+def _held(settings: config.Settings, qid: str) -> tuple[Quarantine, QuarantineEntry]:
     _used(settings)  # Quarantine() would create the folder
     quarantine = Quarantine(settings.quarantine_dir)
     entry = quarantine.get(qid)
@@ -468,10 +468,10 @@ def cmd_quarantine_show(args: argparse.Namespace) -> int:
     store = _reader(settings)
     try:
         who = _privileged(args, settings, store, "quarantine_show", quarantine_id=args.id)
-        store.audit("quarantine_show", **who, quarantine_id=args.id, kind=entry.get("kind"))
+        store.audit("quarantine_show", **who, quarantine_id=args.id, kind=entry.kind)
     finally:
         store.close()
-    print(json.dumps({"entry": entry, "attributes": _attributes(quarantine.file(args.id))}, indent=2,
+    print(json.dumps({"entry": entry.as_dict(), "attributes": _attributes(quarantine.file(args.id))}, indent=2,
                      sort_keys=True))
     return 0
 
@@ -497,7 +497,7 @@ def cmd_quarantine_export(args: argparse.Namespace) -> int:
     store = _reader(settings)
     try:
         who = _privileged(args, settings, store, "quarantine_export", quarantine_id=args.id)
-        store.audit("quarantine_export", **who, quarantine_id=args.id, kind=entry.get("kind"), output=str(target))
+        store.audit("quarantine_export", **who, quarantine_id=args.id, kind=entry.kind, output=str(target))
     finally:
         store.close()
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -605,7 +605,7 @@ def cmd_quarantine_retry(args: argparse.Namespace) -> int:
     log.configure(settings.log_format, settings.log_level)
     _used(settings)  # Quarantine() would create the folder
     quarantine = Quarantine(settings.quarantine_dir)
-    ids = [e["id"] for e in quarantine.entries()] if args.all else args.ids
+    ids = [e.id for e in quarantine.entries()] if args.all else args.ids
     if not ids:
         raise Fatal("telenode: quarantine retry needs IDs or --all", 1)
     store = _reader(settings)

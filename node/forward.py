@@ -48,7 +48,7 @@ from node import codecs, log, metrics, net, tls
 from node.background import Background
 from node.config import Destination
 from node.spool import Quarantine, Spool
-from node.store import Store
+from node.store import QueueRow, Store
 
 #: Seconds an idle association stays open: instances that trickle in as a modality sends
 #: them share one association instead of paying for an association each.
@@ -237,22 +237,22 @@ class Forwarder(Background):
 
     # -- the association ------------------------------------------------------------------------
 
-    def _plan(self, batch: list[dict[str, Any]]) -> tuple[list[tuple[str, str]], list[dict[str, Any]]]:
+    def _plan(self, batch: list[QueueRow]) -> tuple[list[tuple[str, str]], list[QueueRow]]:
         """The contexts the batch needs (its own syntaxes, plus the uncompressed ones as fallbacks per
         SOP class, each its own context so the remote's choice never forces a conversion), at most
         128, and the rows they cover."""
         contexts: list[tuple[str, str]] = []
         rows, later = [], []
         for row in batch:
-            needed = [(row["sop_class_uid"], row["transfer_syntax"])]
-            needed += [(row["sop_class_uid"], syntax) for syntax in UNCOMPRESSED if syntax != row["transfer_syntax"]]
+            needed = [(row.sop_class_uid, row.transfer_syntax)]
+            needed += [(row.sop_class_uid, syntax) for syntax in UNCOMPRESSED if syntax != row.transfer_syntax]
             new = [pair for pair in needed if pair not in contexts]
             if len(contexts) + len(new) > MAX_CONTEXTS:
                 later.append(row)
                 continue
             contexts += new
             rows.append(row)
-        self.store.release([r["id"] for r in later])  # next batch
+        self.store.release([r.id for r in later])  # next batch
         return contexts, rows
 
     def _open(self, contexts: list[tuple[str, str]]) -> Any:
@@ -293,7 +293,7 @@ class Forwarder(Background):
                 self._assoc.release()
             self._assoc, self._proposed = None, set()
 
-    def _send(self, batch: list[dict[str, Any]]) -> float | None:
+    def _send(self, batch: list[QueueRow]) -> float | None:
         """Send one batch over one (possibly reused) association. Returns None when the worker may go
         on at once, or the seconds to wait (the remote is unreachable or out of resources)."""
         contexts, rows = self._plan(batch)
@@ -313,21 +313,21 @@ class Forwarder(Background):
         wait: float | None = None
         for index, row in enumerate(rows):
             if self._stop.is_set() or self._preempted(index, row):
-                self.store.release([r["id"] for r in rows[index:]])
+                self.store.release([r.id for r in rows[index:]])
                 break
             outcome = self._store_one(assoc, row)
             if outcome == "sent":
                 sent += 1
-                self._sent_ids.append(row["id"])
-                self._sent_uids.append(row["pseudo_sop_instance_uid"])
+                self._sent_ids.append(row.id)
+                self._sent_uids.append(row.pseudo_sop_instance_uid)
                 if time.monotonic() - last_record >= RECORD_EVERY:  # status follows the remote
                     self._flush()
                     last_record = time.monotonic()
             elif outcome == "transient":
-                self._health.interrupted.add(row["pseudo_sop_instance_uid"])
+                self._health.interrupted.add(row.pseudo_sop_instance_uid)
                 if reused and not sent:
                     # The remote dropped an association we kept open (idle timeout): reconnect now.
-                    self.store.release([r["id"] for r in rows[index:]])
+                    self.store.release([r.id for r in rows[index:]])
                     self._close_quietly()
                     return None
                 wait = self._postpone(rows[index:], "association lost while sending")
@@ -337,7 +337,7 @@ class Forwarder(Background):
                           tls=self._tls is not None)
         return wait
 
-    def _flush(self, claim: bool = False) -> list[dict[str, Any]]:
+    def _flush(self, claim: bool = False) -> list[QueueRow]:
         """Mark the rows sent so far sent, with their audit record, and with `claim` take the next
         batch, all in one commit; then drop spool files no one needs. Returns the claimed rows.
 
@@ -364,11 +364,11 @@ class Forwarder(Background):
             return net.rejection(assoc)
         return getattr(self._tls, "last_failure", None) or "remote unreachable or aborted"
 
-    def _postpone(self, rows: list[dict[str, Any]], reason: str) -> float:
+    def _postpone(self, rows: list[QueueRow], reason: str) -> float:
         """A transient, destination-wide problem: back to the queue, wait with backoff, count nothing."""
         wait = self._delay()
         # Due at once: the worker's own backoff (which a C-ECHO probe can end early) spaces the attempts.
-        self.store.release([r["id"] for r in rows])
+        self.store.release([r.id for r in rows])
         self.store.note_error(self.destination.name, reason)
         if self._health.failed():  # the one warning of this outage ("tls_failed" when TLS is the reason)
             d = self.destination
@@ -380,37 +380,37 @@ class Forwarder(Background):
                            attempts=self._health.attempts)
         return wait
 
-    def _preempted(self, index: int, row: dict[str, Any]) -> bool:
+    def _preempted(self, index: int, row: QueueRow) -> bool:
         """Every few instances: is STAT work waiting behind this (lower-priority) batch?"""
         if index == 0 or index % PREEMPT_EVERY:
             return False
-        if self.store.higher_priority_waiting(self.destination.name, row["priority"]):
+        if self.store.higher_priority_waiting(self.destination.name, row.priority):
             self.log.info("batch_preempted", reason="higher-priority instances waiting")
             return True
         return False
 
     # -- one instance ---------------------------------------------------------------------------
 
-    def _store_one(self, assoc: Any, row: dict[str, Any]) -> str:
+    def _store_one(self, assoc: Any, row: QueueRow) -> str:
         """C-STORE one spooled file: 'sent', 'refused' (this instance rescheduled or failed) or 'transient'."""
-        path = Path(row["path"])
-        uid = row["pseudo_sop_instance_uid"]
+        path = Path(row.path)
+        uid = row.pseudo_sop_instance_uid
         if not path.exists():  # cannot happen unless someone deleted the spool: say so, don't spin
             self._fail(row, "spool file missing")
             return "refused"
-        priority = 2 if row["priority"] < 0 else min(row["priority"], 1)
-        syntax = _accepted_syntax(assoc, row["sop_class_uid"], row["transfer_syntax"])
+        priority = 2 if row.priority < 0 else min(row.priority, 1)
+        syntax = _accepted_syntax(assoc, row.sop_class_uid, row.transfer_syntax)
         if syntax is None:
-            self._fail(row, f"remote accepts this SOP class in neither {row['transfer_syntax']} nor uncompressed")
+            self._fail(row, f"remote accepts this SOP class in neither {row.transfer_syntax} nor uncompressed")
             return "refused"
         source: Path | Dataset = path
-        if syntax != row["transfer_syntax"]:
+        if syntax != row.transfer_syntax:
             try:  # decoded before the send: a missing decoder is this instance's failure, not a lost association
                 source = _uncompressed(path)
             except Exception as exc:  # unreadable, or no decoder installed (codecs.NoDecoderInstalled)
                 self._fail(row, f"cannot read or decompress the spooled instance ({type(exc).__name__})")
                 return "refused"
-            self.log.info("transcoded", sop_instance_uid=uid, from_syntax=row["transfer_syntax"], to_syntax=syntax)
+            self.log.info("transcoded", sop_instance_uid=uid, from_syntax=row.transfer_syntax, to_syntax=syntax)
         try:
             status = assoc.send_c_store(source, priority=priority)
         except (OSError, RuntimeError) as exc:
@@ -426,14 +426,14 @@ class Forwarder(Background):
         if code in STORED:
             resent = uid in self._health.interrupted  # the remote may have stored it the first time
             self._health.interrupted.discard(uid)
-            self.log.info("instance_sent", sop_instance_uid=uid, status=f"0x{code:04X}", bytes=row["size"],
+            self.log.info("instance_sent", sop_instance_uid=uid, status=f"0x{code:04X}", bytes=row.size,
                           **({"resent": True} if resent else {}))
             return "sent"
         comment = str(status.get("ErrorComment", "") or "").strip()
         reason = f"status 0x{code:04X}" + (f": {comment}" if comment else "")
         if code >> 8 == 0xA7:  # out of resources: try this one again later, forever, without counting it
-            delay = self._retry_delay(row["attempts"])
-            self.store.mark_retry(row["id"], reason, delay, failure=False)
+            delay = self._retry_delay(row.attempts)
+            self.store.mark_retry(row.id, reason, delay, failure=False)
             self.store.note_error(self.destination.name, reason)
             self.log.warning("remote_out_of_resources", sop_instance_uid=uid, status=f"0x{code:04X}",
                              retry_in_s=round(delay, 1))
@@ -444,32 +444,32 @@ class Forwarder(Background):
         d = self.destination
         return min(d.retry_delay * d.retry_multiplier ** tries, d.max_retry_delay) * random.uniform(0.8, 1.2)
 
-    def _refused(self, row: dict[str, Any], reason: str) -> str:
+    def _refused(self, row: QueueRow, reason: str) -> str:
         d = self.destination
-        if row["failures"] + 1 >= d.max_failures:
+        if row.failures + 1 >= d.max_failures:
             self._fail(row, reason)
         else:
-            self.store.mark_retry(row["id"], reason, self._retry_delay(row["failures"]), failure=True)
-            self.log.warning("instance_refused_by_remote", sop_instance_uid=row["pseudo_sop_instance_uid"],
-                             reason=reason, failures=row["failures"] + 1)
+            self.store.mark_retry(row.id, reason, self._retry_delay(row.failures), failure=True)
+            self.log.warning("instance_refused_by_remote", sop_instance_uid=row.pseudo_sop_instance_uid,
+                             reason=reason, failures=row.failures + 1)
         return "refused"
 
-    def _fail(self, row: dict[str, Any], reason: str) -> None:
+    def _fail(self, row: QueueRow, reason: str) -> None:
         """Permanent: the row is failed, the anonymized file copied to the quarantine with the reason."""
         quarantine_id = None
-        if self.quarantine is not None and Path(row["path"]).exists():
-            quarantine_id = self.quarantine.put(row["path"], {
+        if self.quarantine is not None and Path(row.path).exists():
+            quarantine_id = self.quarantine.put(row.path, {
                 "kind": "send_failed", "reason": reason, "destination": self.destination.name,
-                "sop_instance_uid": row["pseudo_sop_instance_uid"], "sop_class_uid": row["sop_class_uid"],
-                "transfer_syntax": row["transfer_syntax"], "priority": row["priority"], "queue_id": row["id"],
+                "sop_instance_uid": row.pseudo_sop_instance_uid, "sop_class_uid": row.sop_class_uid,
+                "transfer_syntax": row.transfer_syntax, "priority": row.priority, "queue_id": row.id,
             })
-        self._health.interrupted.discard(row["pseudo_sop_instance_uid"])
-        for path in self.store.mark_failed(row["id"], reason):
+        self._health.interrupted.discard(row.pseudo_sop_instance_uid)
+        for path in self.store.mark_failed(row.id, reason):
             self.spool.remove(path)
         metrics.count("failed", self.destination.name)
         self.store.audit("send_failed", destination=self.destination.name, reason=reason,
-                         sop_instance_uid=row["pseudo_sop_instance_uid"], quarantine_id=quarantine_id)
-        self.log.error("instance_failed", sop_instance_uid=row["pseudo_sop_instance_uid"], reason=reason,
+                         sop_instance_uid=row.pseudo_sop_instance_uid, quarantine_id=quarantine_id)
+        self.log.error("instance_failed", sop_instance_uid=row.pseudo_sop_instance_uid, reason=reason,
                        quarantine_id=quarantine_id)
 
 

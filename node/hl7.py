@@ -45,6 +45,7 @@ from node.returnpath import (
     identity,
 )
 from node.spool import atomic_write
+from node.store.queue import QueueRow
 
 START, END = b"\x0b", b"\x1c\x0d"
 MAX_FRAME = 16 * 1024 * 1024  # bytes: a report, not a data set
@@ -366,10 +367,10 @@ class Sender:
             return 5.0 if due is None else min(5.0, max(0.05, due - time.time()))
         row = rows[0]
         try:
-            answer = self._exchange(Path(row["path"]).read_bytes())
+            answer = self._exchange(Path(row.path).read_bytes())
         except OSError as exc:  # RIS down, refusing, or too slow: the whole queue waits, nothing counted
             wait = self._delay()
-            self.store.release([row["id"]], wait)
+            self.store.release([row.id], wait)
             self.store.note_error(HL7_QUEUE, f"RIS unreachable ({type(exc).__name__})")
             self.log.warning("ris_unavailable", reason=type(exc).__name__, retry_in_s=round(wait, 1))
             return wait
@@ -386,25 +387,25 @@ class Sender:
             raise ConnectionResetError("RIS closed the connection without an ACK")
         return answer
 
-    def _answered(self, row: dict[str, Any], code: str) -> None:
-        key = row["pseudo_sop_instance_uid"]
+    def _answered(self, row: QueueRow, code: str) -> None:
+        key = row.pseudo_sop_instance_uid
         if code in ("AA", "CA"):
             with self.store.batch():
-                done = self.store.mark_sent([row["id"]])
+                done = self.store.mark_sent([row.id])
                 self.store.audit("hl7_forwarded", destination=HL7_QUEUE, message=key)
             for path in done:
                 Path(path).unlink(missing_ok=True)
             self.log.info("hl7_forwarded", message=key)
             return
         reason = f"RIS answered {code or 'no MSA'}"
-        if row["failures"] + 1 >= self.config.max_failures:
-            for path in self.store.mark_failed(row["id"], reason):  # kept for an operator, not deleted
+        if row.failures + 1 >= self.config.max_failures:
+            for path in self.store.mark_failed(row.id, reason):  # kept for an operator, not deleted
                 Path(path).replace(self.failed / Path(path).name)
             self.store.audit("hl7_send_failed", destination=HL7_QUEUE, message=key, reason=reason)
             self.log.error("hl7_failed", message=key, reason=reason)
         else:
-            self.store.mark_retry(row["id"], reason, self._retry_delay(row["failures"]), failure=True)
-            self.log.warning("hl7_refused_by_ris", message=key, reason=reason, failures=row["failures"] + 1)
+            self.store.mark_retry(row.id, reason, self._retry_delay(row.failures), failure=True)
+            self.log.warning("hl7_refused_by_ris", message=key, reason=reason, failures=row.failures + 1)
 
     def _retry_delay(self, tries: int) -> float:
         c = self.config

@@ -12,10 +12,10 @@ leaves the quarantine only once released.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Collection, Iterable, Mapping
+from typing import Collection, Iterable, Mapping
 
 from node.pipeline import Pipeline
-from node.spool import Quarantine, Spool, copier
+from node.spool import Quarantine, QuarantineEntry, Spool, copier
 from node.store import Store
 
 
@@ -46,23 +46,23 @@ class Releaser:
         if entry is None:
             return Released(qid, False, "not in quarantine")
         ok, why = self._release(entry)
-        self.store.audit("quarantine_retry", quarantine_id=qid, kind=entry.get("kind"), released=ok,
+        self.store.audit("quarantine_retry", quarantine_id=qid, kind=entry.kind, released=ok,
                          operator=operator)
         if ok:
             self.quarantine.remove(qid)
         return Released(qid, ok, why)
 
-    def _release(self, entry: dict[str, Any]) -> tuple[bool, str]:
-        source = self.quarantine.file(entry["id"])
-        if entry.get("kind") == "send_failed":
-            destination = entry.get("destination", "")
+    def _release(self, entry: QuarantineEntry) -> tuple[bool, str]:
+        source = self.quarantine.file(entry.id)
+        if entry.kind == "send_failed":
+            destination = entry.destination
             if destination not in self.destinations and destination not in self.return_spools:
                 return False, f"destination {destination!r} is no longer configured"
             spool = self.return_spools.get(destination, self.spool)
-            target = spool.path_for(entry["sop_instance_uid"])
+            target = spool.path_for(entry.sop_instance_uid)
             size = spool.write(target, copier(source))
-            self.store.requeue(destination, {**entry, "path": str(target), "size": size,
-                                             "pseudo_sop_instance_uid": entry["sop_instance_uid"]})
+            self.store.requeue(destination, {**entry.as_dict(), "path": str(target), "size": size,
+                                             "pseudo_sop_instance_uid": entry.sop_instance_uid})
             return True, ""
-        outcome = self.pipeline.receive(source, calling_aet=entry.get("calling_aet", ""))
+        outcome = self.pipeline.receive(source, calling_aet=entry.calling_aet)
         return outcome.ok, outcome.comment

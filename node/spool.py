@@ -21,8 +21,9 @@ import os
 import secrets
 import shutil
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import Any, BinaryIO, Callable, Mapping
 
 Writer = Callable[[BinaryIO], object]  # what it returns is ignored
 FAN_OUT = 256
@@ -97,6 +98,33 @@ class Spool:
         return removed
 
 
+@dataclass(frozen=True)
+class QuarantineEntry:
+    """One held instance's reason record (`<id>.json`): why it was held, no PHI. The UIDs are pseudonyms
+    (a failed send's or the leak guard's); the held file itself (`<id>.dcm`) may be an original and is
+    never read here. `record` is the whole JSON record as written (kinds add their own detail)."""
+
+    id: str
+    time: str = ""
+    kind: str = ""
+    reason: str = ""
+    calling_aet: str = ""
+    destination: str = ""
+    sop_instance_uid: str = ""
+    record: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> QuarantineEntry:
+        return cls(id=record["id"], time=record.get("time", ""), kind=record.get("kind", ""),
+                   reason=record.get("reason", ""), calling_aet=record.get("calling_aet", ""),
+                   destination=record.get("destination", ""), sop_instance_uid=record.get("sop_instance_uid", ""),
+                   record=dict(record))
+
+    def as_dict(self) -> dict[str, Any]:
+        """The record as written (`quarantine list --json`, `quarantine show`, a retried send's queue row)."""
+        return dict(self.record)
+
+
 class Quarantine:
     """Originals held back: `<id>.dcm` (the instance as received) and `<id>.json` (why, no PHI)."""
 
@@ -113,19 +141,19 @@ class Quarantine:
         atomic_write(self.root / f"{qid}.json", lambda h: h.write(json.dumps(record, sort_keys=True).encode()))
         return qid
 
-    def entries(self) -> list[dict]:
+    def entries(self) -> list[QuarantineEntry]:
         """Every quarantined instance's reason record, oldest first."""
-        return [json.loads(p.read_text()) for p in sorted(self.root.glob("*.json"))]
+        return [QuarantineEntry.from_record(json.loads(p.read_text())) for p in sorted(self.root.glob("*.json"))]
 
     def count(self) -> int:
         return sum(1 for _ in self.root.glob("*.json"))
 
-    def get(self, qid: str) -> dict | None:
+    def get(self, qid: str) -> QuarantineEntry | None:
         """One entry's reason record, or None (IDs are file names: nothing outside the folder is read)."""
         if not qid or "/" in qid or qid.startswith("."):
             return None
         path = self.root / f"{qid}.json"
-        return json.loads(path.read_text()) if path.is_file() else None
+        return QuarantineEntry.from_record(json.loads(path.read_text())) if path.is_file() else None
 
     def file(self, qid: str) -> Path:
         return self.root / f"{qid}.dcm"

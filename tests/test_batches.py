@@ -65,7 +65,7 @@ def age_rows(store: Store, seconds: float) -> None:
 
 def send_all(store: Store, destination: str) -> None:
     rows = store.claim_batch(destination, 1000)
-    store.mark_sent([r["id"] for r in rows])
+    store.mark_sent([r.id for r in rows])
 
 
 def test_a_study_is_one_batch_complete_after_stable_seconds(store, batches):
@@ -161,10 +161,10 @@ def test_only_the_given_destinations_are_batched_and_failed_rows_settle(store, b
     assert batches.assign(["s3"]) == 3
     assert {r["destination"] for r in batches.states()} == {"s3"}
     rows = store.claim_batch("s3", 10)
-    store.mark_sent([rows[0]["id"], rows[1]["id"]])
+    store.mark_sent([rows[0].id, rows[1].id])
     assert batches.assign(["s3"], now=10**10) == 0
     assert batches.settled("s3") == []  # one still in flight
-    store.mark_failed(rows[2]["id"], "refused")
+    store.mark_failed(rows[2].id, "refused")
     [batch] = batches.settled("s3")
     assert (batch.sent, batch.failed) == (2, 1)
     assert json.loads(batches.manifest(batch.batch_id, "s3").body)["TotalImages"] == 2

@@ -420,11 +420,11 @@ def test_pipeline_quarantines_a_leak(tmp_path):
     entries = quarantine.entries()
     assert len(entries) == 1
     entry = entries[0]
-    assert entry["kind"] == "leak_guard"
-    assert "LUTExplanation" in entry["reason"]
-    assert entry["calling_aet"] == "MODALITY"
-    json_file = quarantine.root / f"{entry['id']}.json"
-    dcm_file = quarantine.root / f"{entry['id']}.dcm"
+    assert entry.kind == "leak_guard"
+    assert "LUTExplanation" in entry.reason
+    assert entry.calling_aet == "MODALITY"
+    json_file = quarantine.root / f"{entry.id}.json"
+    dcm_file = quarantine.root / f"{entry.id}.dcm"
     for part in NAME_PARTS + (PATIENT_ID,):
         assert part not in json_file.read_text().upper()
     assert dcm_file.read_bytes() == original
@@ -434,7 +434,7 @@ def test_pipeline_quarantines_a_leak(tmp_path):
 
     events = store.audit_records("quarantined")
     assert len(events) == 1
-    assert events[0]["quarantine_id"] == entry["id"] and events[0]["kind"] == "leak_guard"
+    assert events[0]["quarantine_id"] == entry.id and events[0]["kind"] == "leak_guard"
     assert "LUTExplanation" in events[0]["reason"]
     assert all(part not in json.dumps(events[0]).upper() for part in NAME_PARTS)
     store.close()

@@ -146,7 +146,7 @@ def test_pipeline_holds_identity_and_forwards_the_rest(tmp_path):
     assert pipeline.receive(burned, calling_aet="US1").status == SUCCESS  # held: durable, not forwarded
     assert quarantine.count() == 1
     entry = quarantine.entries()[0]
-    assert entry["kind"] == "burned_in" and "OCR" in entry["reason"] and "MUELLER" not in entry["reason"].upper()
+    assert entry.kind == "burned_in" and "OCR" in entry.reason and "MUELLER" not in entry.reason.upper()
     outcome = pipeline.receive(plain, calling_aet="US1")
     assert outcome.ok and quarantine.count() == 1
     assert len(list((tmp_path / "spool").rglob("*.dcm"))) == 1

@@ -239,7 +239,7 @@ def test_retention_prunes_old_sent_rows_only(tmp_path):
     for uid in ("2.25.1", "2.25.2", "2.25.3"):
         store.requeue("telerad", {**row, "pseudo_sop_instance_uid": uid})
     claimed = store.claim_batch("telerad", 2)
-    store.mark_sent([r["id"] for r in claimed])  # two sent now, one still pending
+    store.mark_sent([r.id for r in claimed])  # two sent now, one still pending
     now = time.time()
     clock = [now]
     retention = Retention(store, sent_days=30, clock=lambda: clock[0])

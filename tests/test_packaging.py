@@ -57,7 +57,7 @@ def test_without_the_jpeg_extra_a_jpeg_ls_image_to_clean_is_held_with_the_reason
     store.close()
     assert outcome.status == SUCCESS  # held, durably: nothing half-decoded was forwarded
     [entry] = quarantine.entries()
-    assert entry["kind"] == "burned_in" and "NoDecoderInstalled" in entry["reason"], entry
+    assert entry.kind == "burned_in" and "NoDecoderInstalled" in entry.reason, entry
 
 
 def test_without_the_jpeg_extra_a_jpeg_ls_instance_a_remote_needs_uncompressed_fails_with_the_reason(
@@ -103,8 +103,8 @@ def test_without_the_jpeg_extra_a_jpeg_ls_instance_a_remote_needs_uncompressed_f
         forwarder.stop(15)
         q.store.close()
     entries = quarantine.entries()
-    assert len(entries) == 1 and entries[0]["kind"] == "send_failed", entries
-    assert "NoDecoderInstalled" in entries[0]["reason"], entries
+    assert len(entries) == 1 and entries[0].kind == "send_failed", entries
+    assert "NoDecoderInstalled" in entries[0].reason, entries
     assert remote.files() == []
 
 

@@ -210,9 +210,9 @@ def test_policy_quarantine(tmp_path, node, kind):
     assert n.store.db["queue"].count == 0
     entries = n.quarantine.entries()
     assert len(entries) == 1
-    assert entries[0]["kind"] == "burned_in"
-    assert entries[0]["reason"] == burned_in_reason(pydicom.dcmread(source))
-    held = n.quarantine.root / f"{entries[0]['id']}.dcm"
+    assert entries[0].kind == "burned_in"
+    assert entries[0].reason == burned_in_reason(pydicom.dcmread(source))
+    held = n.quarantine.root / f"{entries[0].id}.dcm"
     assert held.read_bytes() == source.read_bytes()
     assert stat.S_IMODE(held.stat().st_mode) == 0o600
     assert [e["kind"] for e in n.store.audit_records("quarantined")] == ["burned_in"]
@@ -332,8 +332,8 @@ def test_rule_that_does_not_apply_leaves_it_to_the_policy(tmp_path, node, safegu
     assert outcome.status == SUCCESS
     assert n.spooled() == []
     [entry] = n.quarantine.entries()
-    assert entry["kind"] == "burned_in"
-    assert (n.quarantine.root / f"{entry['id']}.dcm").read_bytes() == source.read_bytes()
+    assert entry.kind == "burned_in"
+    assert (n.quarantine.root / f"{entry.id}.dcm").read_bytes() == source.read_bytes()
 
 
 def test_first_matching_rule_is_used(tmp_path, node):
@@ -388,9 +388,9 @@ def test_undecodable_pixels_fall_back_to_quarantine(tmp_path, node):
     assert outcome.status == SUCCESS
     assert n.spooled() == []
     [entry] = n.quarantine.entries()
-    assert entry["kind"] == "burned_in"
-    assert "pixel cleaning failed" in entry["reason"]
-    assert (n.quarantine.root / f"{entry['id']}.dcm").read_bytes() == source.read_bytes()
+    assert entry.kind == "burned_in"
+    assert "pixel cleaning failed" in entry.reason
+    assert (n.quarantine.root / f"{entry.id}.dcm").read_bytes() == source.read_bytes()
 
 
 def test_undecodable_pixels_fall_back_to_reject(tmp_path, node):

@@ -25,7 +25,7 @@ from conftest import REPO, Node, free_port, storescu, wait_for
 from node import cli
 from node.audit import chain_hash
 from node.keys import KeyFileError, Keyring, MappingKeyError
-from node.spool import Quarantine
+from node.spool import Quarantine, QuarantineEntry
 from node.store import Store
 from studies import make_study
 from test_store import ORIGINAL_BIRTH, make_record, queue
@@ -449,6 +449,21 @@ def test_operator_and_reason_given_the_audit_record_is_committed_before_the_answ
     assert status == 0
     assert json.loads(out.getvalue())["patient_id"] == study.phi["PatientID"]
     assert len(seen[0]) == 1 and seen[0][0]["operator"] == "dr.who" and seen[0][0]["reason"] == "tumour board 12"
+
+
+def test_quarantine_entry_is_a_typed_record_of_the_json_as_written(tmp_path):
+    """entries()/get() give a QuarantineEntry; as_dict() is the record as written; repr shows no detail."""
+    source = tmp_path / "held.dcm"
+    source.write_bytes(b"not even DICOM")
+    quarantine = Quarantine(tmp_path / "quarantine")
+    qid = quarantine.put(source, {"kind": "send_failed", "reason": "status 0xA900", "destination": "pacs",
+                                  "sop_instance_uid": "2.25.77", "queue_id": 5, "extra": "SECRET-DETAIL"})
+    [entry] = quarantine.entries()
+    assert entry == quarantine.get(qid) and isinstance(entry, QuarantineEntry)
+    assert (entry.id, entry.kind, entry.destination, entry.sop_instance_uid) == (qid, "send_failed", "pacs", "2.25.77")
+    assert entry.as_dict() == json.loads((quarantine.root / f"{qid}.json").read_text())
+    assert "2.25.77" in repr(entry) and "SECRET-DETAIL" not in repr(entry)
+    assert quarantine.get("../x") is None and quarantine.get("nope") is None
 
 
 def test_quarantined_originals_only_through_the_audited_cli(tmp_path):

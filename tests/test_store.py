@@ -5,6 +5,7 @@ Every test uses a real database file under tmp_path; nothing is mocked.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sqlite3
 import stat
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from node.deid.record import DeidRecord
-from node.store import FAILED, INFLIGHT, PENDING, SCHEMA_VERSION, SENT, Store, empty_status
+from node.store import FAILED, INFLIGHT, PENDING, SCHEMA_VERSION, SENT, QueueRow, Store, empty_status
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 EXPLICIT = "1.2.840.10008.1.2.1"
@@ -134,8 +135,8 @@ def test_reopen_keeps_data(tmp_path):
         assert second.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
         found = second.lookup(record.pseudo_sop_instance_uid)
         assert found is not None and found["sop_instance_uid"] == record.sop_instance_uid
-        assert [r["id"] for r in second.claim_batch("a", 10)] == [1]
-        assert [r["id"] for r in second.claim_batch("b", 10)] == [2]
+        assert [r.id for r in second.claim_batch("a", 10)] == [1]
+        assert [r.id for r in second.claim_batch("b", 10)] == [2]
         assert [a["event"] for a in second.audit_records()] == ["deidentified", "reidentify"]
         # Reopening did not re-run the schema or duplicate anything.
         assert second.db.execute("SELECT COUNT(*) FROM queue").fetchone()[0] == 2
@@ -299,11 +300,11 @@ def test_resend_after_sent_queues_again(store):
     record = make_record()
     queue(store, record)
     first = store.claim_batch("remote", 10)
-    store.mark_sent([first[0]["id"]])
+    store.mark_sent([first[0].id])
     queue(store, record)
     got = rows(store)
     assert [r["status"] for r in got] == [SENT, PENDING]
-    assert [r["id"] for r in store.claim_batch("remote", 10)] == [got[1]["id"]]
+    assert [r.id for r in store.claim_batch("remote", 10)] == [got[1]["id"]]
 
 
 def test_claim_batch_orders_priority_then_id(store):
@@ -313,10 +314,10 @@ def test_claim_batch_orders_priority_then_id(store):
         queue(store, make_record(n), priority=priority)
     queue(store, make_record(99), destinations=("other",), priority=5)
     first = store.claim_batch("remote", 3)
-    assert [(r["priority"], r["id"]) for r in first] == [(1, 3), (1, 5), (0, 1)]
+    assert [(r.priority, r.id) for r in first] == [(1, 3), (1, 5), (0, 1)]
     rest = store.claim_batch("remote", 100)
-    assert [(r["priority"], r["id"]) for r in rest] == [(0, 4), (0, 6), (-1, 2), (-1, 7)]
-    assert [r["pseudo_sop_instance_uid"] for r in store.claim_batch("other", 10)] == ["2.25.130099"]
+    assert [(r.priority, r.id) for r in rest] == [(0, 4), (0, 6), (-1, 2), (-1, 7)]
+    assert [r.pseudo_sop_instance_uid for r in store.claim_batch("other", 10)] == ["2.25.130099"]
     assert store.claim_batch("nowhere", 10) == []
     assert store.claim_batch("remote", 100) == []
 
@@ -327,16 +328,28 @@ def test_claim_batch_marks_inflight(store):
         queue(store, make_record(n))
     first = store.claim_batch("remote", 10)
     assert len(first) == 3
-    assert set(first[0]) == {"id", "pseudo_sop_instance_uid", "sop_class_uid", "transfer_syntax", "path", "size",
-                             "priority", "attempts", "failures"}
+    assert isinstance(first[0], QueueRow) and first[0].destination == "remote" and first[0].status == INFLIGHT
     assert [r["status"] for r in rows(store)] == [INFLIGHT] * 3
     assert all(r["attempts"] == 0 and r["failures"] == 0 for r in rows(store))  # claiming is not an attempt
     assert store.claim_batch("remote", 10) == []
     assert store.next_due("remote") is None  # nothing pending: in-flight rows are not waiting
     queue(store, make_record(7))
     second = store.claim_batch("remote", 10)
-    assert [r["pseudo_sop_instance_uid"] for r in second] == ["2.25.13007"]
-    assert not {r["id"] for r in first} & {r["id"] for r in second}
+    assert [r.pseudo_sop_instance_uid for r in second] == ["2.25.13007"]
+    assert not {r.id for r in first} & {r.id for r in second}
+
+
+def test_queue_row_repr_holds_pseudonyms_only(store):
+    """A claimed row (and its repr, which may reach a log or a traceback) carries no original value."""
+    record = make_record(3)
+    queue(store, record)
+    [row] = store.claim_batch("remote", 10)
+    text = repr(row)
+    assert record.pseudo_sop_instance_uid in text and "'remote'" in text
+    for original in (record.patient_id, record.patient_name, record.patient_birth_date, record.accession_number,
+                     record.study_instance_uid, record.series_instance_uid, record.sop_instance_uid):
+        assert original not in text
+    assert store.failed_row(row.id) == row  # the claimed record is the stored row, in flight
 
 
 def test_mark_sent_single_destination_returns_path(store):
@@ -344,7 +357,7 @@ def test_mark_sent_single_destination_returns_path(store):
     record = make_record()
     queue(store, record, path="/spool/one.dcm")
     batch = store.claim_batch("remote", 10)
-    assert store.mark_sent([r["id"] for r in batch]) == ["/spool/one.dcm"]
+    assert store.mark_sent([r.id for r in batch]) == ["/spool/one.dcm"]
     assert store.claim_batch("remote", 10) == []
     assert rows(store)[0]["status"] == SENT
     assert store.mark_sent([]) == []
@@ -355,26 +368,26 @@ def test_mark_sent_waits_for_every_destination(store):
     queue(store, make_record(1), destinations=("a", "b"), path="/spool/1.dcm")
     queue(store, make_record(2), destinations=("a", "b"), path="/spool/2.dcm")
     a = store.claim_batch("a", 10)
-    assert store.mark_sent([r["id"] for r in a]) == []  # b still needs both files
+    assert store.mark_sent([r.id for r in a]) == []  # b still needs both files
     b = store.claim_batch("b", 10)
-    assert store.mark_sent([b[0]["id"]]) == ["/spool/1.dcm"]
-    assert store.mark_sent([b[1]["id"]]) == ["/spool/2.dcm"]
+    assert store.mark_sent([b[0].id]) == ["/spool/1.dcm"]
+    assert store.mark_sent([b[1].id]) == ["/spool/2.dcm"]
 
 
 def test_mark_sent_keeps_path_needed_in_flight(store):
     """A file another destination is sending right now (in flight) is not returned by mark_sent."""
     queue(store, make_record(1), destinations=("a", "b"), path="/spool/1.dcm")
     a, b = store.claim_batch("a", 10), store.claim_batch("b", 10)
-    assert store.mark_sent([a[0]["id"]]) == []
-    assert store.mark_sent([b[0]["id"]]) == ["/spool/1.dcm"]
+    assert store.mark_sent([a[0].id]) == []
+    assert store.mark_sent([b[0].id]) == ["/spool/1.dcm"]
 
 
 def test_mark_sent_clears_last_error(store):
     """A row that had an error and is then sent carries no last_error any more."""
     queue(store, make_record())
     row = store.claim_batch("remote", 1)[0]
-    store.mark_retry(row["id"], "status 0xA700", 0.0, failure=True)
-    store.mark_sent([row["id"]])
+    store.mark_retry(row.id, "status 0xA700", 0.0, failure=True)
+    store.mark_sent([row.id])
     assert rows(store)[0]["last_error"] is None
     assert store.status()["remote"]["last_error"] is None
 
@@ -384,7 +397,7 @@ def test_mark_sent_clears_destination_error_of_its_destination_only(store):
     queue(store, make_record(1), destinations=("a", "b"))
     store.note_error("a", "remote unreachable or aborted")
     store.note_error("b", "association rejected")
-    store.mark_sent([store.claim_batch("a", 10)[0]["id"]])
+    store.mark_sent([store.claim_batch("a", 10)[0].id])
     status = store.status()
     assert status["a"]["last_error"] is None
     assert status["b"]["last_error"] == "association rejected"
@@ -397,26 +410,26 @@ def test_mark_retry_delays_and_counts(store):
     queue(store, make_record(1))
     queue(store, make_record(2))
     first = store.claim_batch("remote", 1)[0]
-    assert first["id"] == 1
+    assert first.id == 1
     before = time.time()
-    store.mark_retry(first["id"], "status 0xA700: busy", 0.6, failure=True)
+    store.mark_retry(first.id, "status 0xA700: busy", 0.6, failure=True)
     row = rows(store)[0]
     assert row["status"] == PENDING
     assert row["attempts"] == 1 and row["failures"] == 1 and row["last_error"] == "status 0xA700: busy"
     assert before + 0.5 <= row["due"] <= time.time() + 0.7
     assert store.next_due("remote") <= time.time()  # row 2 is pending and due now
-    assert [r["id"] for r in store.claim_batch("remote", 10)] == [2]
+    assert [r.id for r in store.claim_batch("remote", 10)] == [2]
     assert store.claim_batch("remote", 10) == []  # row 1 is not due yet
     assert store.next_due("remote") == pytest.approx(row["due"])  # only row 1 is pending
     time.sleep(0.7)
     claimed = store.claim_batch("remote", 10)
-    assert [r["id"] for r in claimed] == [1]
-    assert claimed[0]["failures"] == 1 and claimed[0]["attempts"] == 1
+    assert [r.id for r in claimed] == [1]
+    assert claimed[0].failures == 1 and claimed[0].attempts == 1
 
-    store.mark_retry(first["id"], "remote unreachable", 0.0, failure=False)
+    store.mark_retry(first.id, "remote unreachable", 0.0, failure=False)
     row = rows(store)[0]
     assert row["status"] == PENDING and row["attempts"] == 2 and row["failures"] == 1
-    assert [r["id"] for r in store.claim_batch("remote", 10)] == [1]
+    assert [r.id for r in store.claim_batch("remote", 10)] == [1]
 
 
 def test_next_due(store):
@@ -424,10 +437,10 @@ def test_next_due(store):
     assert store.next_due("remote") is None
     queue(store, make_record())
     row = store.claim_batch("remote", 1)[0]
-    store.mark_retry(row["id"], "x", 30.0, failure=True)
+    store.mark_retry(row.id, "x", 30.0, failure=True)
     due = store.next_due("remote")
     assert time.time() + 29 < due < time.time() + 31
-    store.mark_failed(row["id"], "x")
+    store.mark_failed(row.id, "x")
     assert store.next_due("remote") is None
 
 
@@ -436,15 +449,15 @@ def test_mark_failed(store):
     queue(store, make_record(1))
     queue(store, make_record(2))
     row = store.claim_batch("remote", 1)[0]
-    store.mark_failed(row["id"], "status 0xC000: cannot understand")
+    store.mark_failed(row.id, "status 0xC000: cannot understand")
     got = rows(store)[0]
     assert got["status"] == FAILED
     assert got["last_error"] == "status 0xC000: cannot understand"
     assert got["attempts"] == 1 and got["failures"] == 1
-    assert [r["id"] for r in store.claim_batch("remote", 10)] == [2]
+    assert [r.id for r in store.claim_batch("remote", 10)] == [2]
     assert store.recover() == 1  # row 2 only: a failed row is not brought back
     assert rows(store)[0]["status"] == FAILED
-    assert [r["id"] for r in store.claim_batch("remote", 10)] == [2]
+    assert [r.id for r in store.claim_batch("remote", 10)] == [2]
 
 
 def test_mark_failed_returns_path_only_when_unneeded(store):
@@ -452,9 +465,9 @@ def test_mark_failed_returns_path_only_when_unneeded(store):
     queue(store, make_record(1), destinations=("a", "b"), path="/spool/1.dcm")  # ids 1 (a), 2 (b)
     queue(store, make_record(2), destinations=("a", "b"), path="/spool/2.dcm")  # ids 3 (a), 4 (b)
     queue(store, make_record(3), destinations=("a",), path="/spool/3.dcm")  # id 5 (a)
-    assert [r["id"] for r in store.claim_batch("a", 10)] == [1, 3, 5]
+    assert [r.id for r in store.claim_batch("a", 10)] == [1, 3, 5]
     assert store.mark_failed(1, "status 0xC000") == []  # b's row 2 is still pending
-    assert [r["id"] for r in store.claim_batch("b", 10)] == [2, 4]
+    assert [r.id for r in store.claim_batch("b", 10)] == [2, 4]
     assert store.mark_failed(3, "status 0xC000") == []  # b's row 4 is in flight
     assert store.mark_failed(5, "status 0xC000") == ["/spool/3.dcm"]  # nobody else needs it
     assert store.mark_sent([2]) == ["/spool/1.dcm"]  # a gave up on it, b has sent it
@@ -465,8 +478,8 @@ def test_release_puts_inflight_rows_back_after_delay(store):
     """release() makes in-flight rows pending again, due after the delay, uncounted; other rows are untouched."""
     for n in range(1, 5):
         queue(store, make_record(n))
-    store.mark_sent([store.claim_batch("remote", 1)[0]["id"]])  # row 1 sent
-    assert [r["id"] for r in store.claim_batch("remote", 2)] == [2, 3]  # row 4 stays pending
+    store.mark_sent([store.claim_batch("remote", 1)[0].id])  # row 1 sent
+    assert [r.id for r in store.claim_batch("remote", 2)] == [2, 3]  # row 4 stays pending
     untouched = {r["id"]: r for r in rows(store) if r["id"] in (1, 4)}
     before = time.time()
     store.release([1, 2, 3, 4], 0.5)
@@ -477,12 +490,12 @@ def test_release_puts_inflight_rows_back_after_delay(store):
         assert got[row_id]["status"] == PENDING
         assert before + 0.5 <= got[row_id]["due"] <= after + 0.5
         assert got[row_id]["attempts"] == 0 and got[row_id]["failures"] == 0 and got[row_id]["last_error"] is None
-    assert [r["id"] for r in store.claim_batch("remote", 10)] == [4]  # 2 and 3 are not due yet
+    assert [r.id for r in store.claim_batch("remote", 10)] == [4]  # 2 and 3 are not due yet
     time.sleep(0.6)
-    assert [r["id"] for r in store.claim_batch("remote", 10)] == [2, 3]
+    assert [r.id for r in store.claim_batch("remote", 10)] == [2, 3]
     store.release([])  # nothing to do
     store.release([2, 3])  # default: due at once
-    assert [r["id"] for r in store.claim_batch("remote", 10)] == [2, 3]
+    assert [r.id for r in store.claim_batch("remote", 10)] == [2, 3]
 
 
 def test_recover_after_crash(tmp_path):
@@ -491,10 +504,10 @@ def test_recover_after_crash(tmp_path):
     first = Store(path)
     for n in range(1, 6):
         queue(first, make_record(n))
-    assert [r["id"] for r in first.claim_batch("remote", 3)] == [1, 2, 3]
+    assert [r.id for r in first.claim_batch("remote", 3)] == [1, 2, 3]
     first.mark_sent([1])
     first.mark_retry(2, "status 0xA700", 0.0, failure=False)
-    assert [r["id"] for r in first.claim_batch("remote", 1)] == [2]
+    assert [r.id for r in first.claim_batch("remote", 1)] == [2]
     first.close()  # the "crash": rows 2 and 3 are still in flight
 
     second = Store(path)
@@ -508,7 +521,7 @@ def test_recover_after_crash(tmp_path):
         assert second.recover() == 0
         status = second.status()["remote"]
         assert status[PENDING] == 4 and status[INFLIGHT] == 0 and status[SENT] == 1
-        assert [r["id"] for r in second.claim_batch("remote", 10)] == [2, 3, 4, 5]
+        assert [r.id for r in second.claim_batch("remote", 10)] == [2, 3, 4, 5]
     finally:
         second.close()
 
@@ -521,7 +534,7 @@ def _claim_all(store: Store, start: threading.Barrier, got: list[int], errors: l
             batch = store.claim_batch("remote", 3)
             if not batch:
                 return
-            got.extend(r["id"] for r in batch)
+            got.extend(r.id for r in batch)
             time.sleep(0)  # let the other claimers in
     except BaseException as exc:  # pragma: no cover - reported by the test
         errors.append(exc)
@@ -561,10 +574,10 @@ def test_parallel_claimers_two_stores_never_share_a_row(tmp_path):
         for n in range(200):
             queue(one, make_record(n))
         a, b = one.claim_batch("remote", 5), two.claim_batch("remote", 5)
-        assert [r["id"] for r in a] == [1, 2, 3, 4, 5]
-        assert [r["id"] for r in b] == [6, 7, 8, 9, 10]  # the other connection sees the rows in flight
+        assert [r.id for r in a] == [1, 2, 3, 4, 5]
+        assert [r.id for r in b] == [6, 7, 8, 9, 10]  # the other connection sees the rows in flight
         results = _run_claimers([one, two, one, two])
-        claimed = [r["id"] for r in a + b] + [i for result in results for i in result]
+        claimed = [r.id for r in a + b] + [i for result in results for i in result]
         assert len(claimed) == 200
         assert sorted(claimed) == list(range(1, 201))
         assert two.status()["remote"][INFLIGHT] == 200
@@ -583,11 +596,11 @@ def test_higher_priority_waiting(store):
     assert store.higher_priority_waiting("remote", 1) is False  # equal is not higher
     assert store.higher_priority_waiting("nowhere", 0) is False
     stat_row = store.claim_batch("remote", 1)[0]
-    assert stat_row["priority"] == 1
+    assert stat_row.priority == 1
     assert store.higher_priority_waiting("remote", 0) is False  # in flight is not waiting
-    store.release([stat_row["id"]], 30.0)
+    store.release([stat_row.id], 30.0)
     assert store.higher_priority_waiting("remote", 0) is False  # pending but not due
-    store.mark_retry(stat_row["id"], "status 0xA700", 0.0, failure=False)
+    store.mark_retry(stat_row.id, "status 0xA700", 0.0, failure=False)
     assert store.higher_priority_waiting("remote", 0) is True
     assert store.higher_priority_waiting("other", 4) is True and store.higher_priority_waiting("other", 5) is False
 
@@ -624,22 +637,23 @@ def test_requeue_failed_row(store):
     """requeue adds a fresh pending row for the destination from a failed row; the failed row stays failed."""
     queue(store, make_record(1), priority=1, path="/spool/1.dcm", size=500, transfer_syntax=IMPLICIT)
     row = store.claim_batch("remote", 1)[0]
-    assert store.mark_failed(row["id"], "status 0xC000") == ["/spool/1.dcm"]
-    failed = store.failed_row(row["id"])
-    assert failed["status"] == FAILED and failed["last_error"] == "status 0xC000" and failed["attempts"] == 1
+    assert store.mark_failed(row.id, "status 0xC000") == ["/spool/1.dcm"]
+    failed = store.failed_row(row.id)
+    assert failed is not None and failed.status == FAILED and failed.last_error == "status 0xC000"
+    assert failed.attempts == 1
     assert store.failed_row(999) is None
     before = time.time()
-    store.requeue("remote", {**failed, "path": "/spool/q.dcm", "size": 77})
+    store.requeue("remote", dataclasses.replace(failed, path="/spool/q.dcm", size=77))
     new = rows(store)[1]
-    assert new["id"] != row["id"] and new["destination"] == "remote"
+    assert new["id"] != row.id and new["destination"] == "remote"
     assert new["status"] == PENDING and new["attempts"] == 0 and new["failures"] == 0 and new["last_error"] is None
     assert new["path"] == "/spool/q.dcm" and new["size"] == 77 and new["priority"] == 1
     assert new["pseudo_sop_instance_uid"] == "2.25.13001" and new["sop_class_uid"] == CT
     assert new["transfer_syntax"] == IMPLICIT
     assert before - 1 <= new["due"] <= time.time()
     assert rows(store)[0]["status"] == FAILED
-    assert [r["id"] for r in store.claim_batch("remote", 10)] == [new["id"]]
-    store.requeue("other", {k: v for k, v in failed.items() if k != "priority"})
+    assert [r.id for r in store.claim_batch("remote", 10)] == [new["id"]]
+    store.requeue("other", {k: v for k, v in dataclasses.asdict(failed).items() if k != "priority"})
     other = rows(store)[2]
     assert other["destination"] == "other" and other["priority"] == 0 and other["status"] == PENDING
     status = store.status()
@@ -671,7 +685,7 @@ def test_status_prefers_destination_error_over_row_error(store):
     """status() reports the destination-wide error in preference to the latest row error."""
     queue(store, make_record(1))
     row = store.claim_batch("remote", 1)[0]
-    store.mark_retry(row["id"], "status 0xA700", 0.0, failure=False)
+    store.mark_retry(row.id, "status 0xA700", 0.0, failure=False)
     assert store.status()["remote"]["last_error"] == "status 0xA700"
     store.note_error("remote", "remote unreachable or aborted")
     assert store.status()["remote"]["last_error"] == "remote unreachable or aborted"
@@ -684,9 +698,9 @@ def test_status_counts_age_and_last_error(store):
         queue(store, make_record(n), destinations=("a", "b"))
     time.sleep(0.6)
     a = store.claim_batch("a", 10)
-    store.mark_sent([a[0]["id"], a[1]["id"]])
-    store.mark_failed(a[2]["id"], "status 0xA700")
-    store.mark_retry(a[3]["id"], "status 0xC000", 0.0, failure=True)  # a[4] stays in flight
+    store.mark_sent([a[0].id, a[1].id])
+    store.mark_failed(a[2].id, "status 0xA700")
+    store.mark_retry(a[3].id, "status 0xC000", 0.0, failure=True)  # a[4] stays in flight
     status = store.status()
     assert set(status) == {"a", "b"}
     assert status["a"][PENDING] == 1 and status["a"][INFLIGHT] == 1
@@ -706,16 +720,16 @@ def test_status_age_counts_inflight_rows(store):
     time.sleep(0.6)
     queue(store, make_record(2))
     old = store.claim_batch("remote", 1)[0]
-    assert old["id"] == 1
+    assert old.id == 1
     assert store.status()["remote"]["oldest_pending_age_s"] >= 0.5
-    store.mark_sent([old["id"]])
+    store.mark_sent([old.id])
     assert store.status()["remote"]["oldest_pending_age_s"] < 0.5
 
 
 def test_status_without_pending(store):
     """A destination with nothing pending or in flight reports age None and its counts."""
     queue(store, make_record())
-    store.mark_sent([store.claim_batch("remote", 1)[0]["id"]])
+    store.mark_sent([store.claim_batch("remote", 1)[0].id])
     assert store.status() == {"remote": {PENDING: 0, INFLIGHT: 0, SENT: 1, FAILED: 0, "oldest_pending_age_s": None,
                                          "last_error": None, "paused": False}}
 
@@ -738,7 +752,7 @@ def test_migration_from_v1(tmp_path):
     old = Store(path)
     record = make_record()
     queue(old, record, destinations=("a", "b"), path="/spool/1.dcm")
-    old.mark_sent([old.claim_batch("a", 10)[0]["id"]])
+    old.mark_sent([old.claim_batch("a", 10)[0].id])
     old.audit("reidentify", pseudonym=record.pseudo_patient_id, reason="test")
     old.db.execute("PRAGMA user_version=1")
     old.db.execute("DROP TABLE destinations")

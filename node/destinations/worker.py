@@ -79,12 +79,12 @@ class Worker(Background):
         if self.index == 0 and not self._close_batches():
             return
         rows = self.store.claim_batch(self.destination.name, self.destination.batch_size)
-        self._claimed = [r["id"] for r in rows]
+        self._claimed = [r.id for r in rows]
         if not rows:
             self._idle()
             return
         items = self.batches.items(rows)
-        self.store.release([r["id"] for r in rows if r["id"] not in {i.queue_id for i in items}])
+        self.store.release([r.id for r in rows if r.id not in {i.queue_id for i in items}])
         wait = self._send(items)
         if wait is None:
             self._backoff = 0

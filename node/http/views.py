@@ -112,7 +112,7 @@ def quarantine(folder: Path) -> tuple[list[QuarantineView], int]:
     entries = Quarantine(folder).entries() if folder.exists() else []
     groups: dict[tuple[str, str], int] = {}
     for entry in entries:
-        key = (str(entry.get("kind", "other")), str(entry.get("reason", "")))
+        key = (entry.kind or "other", entry.reason)
         groups[key] = groups.get(key, 0) + 1
     return [QuarantineView(kind, reason, count) for (kind, reason), count in sorted(groups.items())], len(entries)
 

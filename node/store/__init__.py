@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 from node import audit as chain
 from node import log
@@ -31,12 +31,12 @@ from node.keys import Keyring
 from node.store.db import Database, iso, now
 from node.store.destinations import Destinations
 from node.store.mappings import ENCRYPTED, Mappings
-from node.store.queue import FAILED, INFLIGHT, PENDING, REQUEUED, SENT, Queue
+from node.store.queue import FAILED, INFLIGHT, PENDING, REQUEUED, SENT, Queue, QueueRow
 from node.store.rotation import Rotation
 from node.store.schema import SCHEMA_VERSION, migrate
 from node.store.trail import Trail, sinks
 
-__all__ = ["ENCRYPTED", "FAILED", "INFLIGHT", "PENDING", "REQUEUED", "SCHEMA_VERSION", "SENT", "Store",
+__all__ = ["ENCRYPTED", "FAILED", "INFLIGHT", "PENDING", "REQUEUED", "SCHEMA_VERSION", "SENT", "QueueRow", "Store",
            "empty_status"]
 
 
@@ -145,7 +145,7 @@ class Store:
 
     # -- queue ----------------------------------------------------------------------------------
 
-    def claim_batch(self, destination: str, limit: int) -> list[dict[str, Any]]:
+    def claim_batch(self, destination: str, limit: int) -> list[QueueRow]:
         """Take due pending rows of one destination (highest priority first, then oldest) and mark them
         in flight, so that parallel workers never send the same row twice."""
         return self.queue.claim(destination, limit)
@@ -184,10 +184,11 @@ class Store:
         """Give up on one row: the remote refused it permanently. Returns spool paths no longer needed."""
         return self.queue.mark_failed(row_id, error)
 
-    def failed_row(self, row_id: int) -> dict[str, Any] | None:
+    def failed_row(self, row_id: int) -> QueueRow | None:
+        """One queue row by id (None if there is none)."""
         return self.queue.row(row_id)
 
-    def requeue(self, destination: str, record: dict[str, Any]) -> None:
+    def requeue(self, destination: str, record: Mapping[str, Any] | QueueRow) -> None:
         """Queue a file again for one destination (quarantine retry), as a new pending row; the failed
         row it replaces (record["queue_id"]) becomes 'requeued', so status no longer counts it failed."""
         self.queue.requeue(destination, record)

@@ -9,12 +9,42 @@ row twice; a killed node's in-flight rows go back to pending at start.
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Sequence
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping, Sequence
 
 from node.store.db import Database, now
 
 PENDING, INFLIGHT, SENT, FAILED = "pending", "inflight", "sent", "failed"
 REQUEUED = "requeued"  # a failed row released from the quarantine: replaced by a new pending row
+
+
+@dataclass(frozen=True)
+class QueueRow:
+    """One queue row as the senders see it. Pseudonyms only (the pseudonymous SOP Instance UID, or a
+    reader-minted key on the return path; a spool path named after it): no original, so repr shows all."""
+
+    id: int
+    destination: str
+    pseudo_sop_instance_uid: str
+    sop_class_uid: str
+    transfer_syntax: str
+    path: str
+    size: int
+    priority: int = 0
+    attempts: int = 0
+    failures: int = 0
+    status: str = PENDING
+    due: float = 0.0
+    created: float = 0.0
+    updated: float = 0.0
+    last_error: str | None = None
+
+    @classmethod
+    def from_columns(cls, names: Sequence[str], values: Sequence[Any]) -> QueueRow:
+        """A row from a `SELECT *` result (columns this record does not know are left out)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{n: v for n, v in zip(names, values, strict=True) if n in known})
 
 
 def _marks(ids: Sequence[Any]) -> str:
@@ -56,21 +86,22 @@ class Queue:
             "due": when, "created": when, "updated": when, "last_error": None,
         })
 
-    def claim(self, destination: str, limit: int) -> list[dict[str, Any]]:
+    def claim(self, destination: str, limit: int) -> list[QueueRow]:
         """Take due pending rows of one destination (highest priority first, then oldest), in flight."""
         with self.core.write():
             cursor = self.core.execute(
-                "SELECT id, pseudo_sop_instance_uid, sop_class_uid, transfer_syntax, path, size, priority, attempts, "
-                "failures FROM queue WHERE destination = ? AND status = ? AND due <= ? "
+                "SELECT * FROM queue WHERE destination = ? AND status = ? AND due <= ? "
                 "ORDER BY priority DESC, id ASC LIMIT ?",
                 [destination, PENDING, now(), limit],
             )
             names = [d[0] for d in cursor.description]
-            rows = [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
-            if rows:
-                self.core.execute(f"UPDATE queue SET status = ?, updated = ? WHERE id IN ({_marks(rows)})",
-                                  [INFLIGHT, now(), *[r["id"] for r in rows]])
-        return rows
+            found = [QueueRow.from_columns(names, row) for row in cursor.fetchall()]
+            if found:
+                when = now()
+                self.core.execute(f"UPDATE queue SET status = ?, updated = ? WHERE id IN ({_marks(found)})",
+                                  [INFLIGHT, when, *[r.id for r in found]])
+                found = [dataclasses.replace(r, status=INFLIGHT, updated=when) for r in found]
+        return found
 
     def release(self, ids: Iterable[int], delay: float = 0.0) -> None:
         """Put in-flight rows back in the queue, due after `delay` (a transient problem, not counted)."""
@@ -128,15 +159,19 @@ class Queue:
                 "last_error = ? WHERE id = ?", [FAILED, now(), error, row_id])
             return self.unneeded([row_id])
 
-    def row(self, row_id: int) -> dict[str, Any] | None:
+    def row(self, row_id: int) -> QueueRow | None:
+        """One row by id, whatever its state (None if there is none)."""
         with self.core.read():
             cursor = self.core.execute("SELECT * FROM queue WHERE id = ?", [row_id])
             row = cursor.fetchone()
-            return dict(zip([d[0] for d in cursor.description], row, strict=True)) if row else None
+            return QueueRow.from_columns([d[0] for d in cursor.description], row) if row else None
 
-    def requeue(self, destination: str, record: dict[str, Any]) -> None:
+    def requeue(self, destination: str, record: Mapping[str, Any] | QueueRow) -> None:
         """Queue a file again for one destination (quarantine retry), as a new pending row; the failed
-        row it replaces (record["queue_id"]) becomes 'requeued', so status no longer counts it failed."""
+        row it replaces (record["queue_id"]) becomes 'requeued', so status no longer counts it failed.
+        A QueueRow is taken as a plain record (it has no queue_id: no row is marked requeued)."""
+        if isinstance(record, QueueRow):
+            record = dataclasses.asdict(record)
         with self.core.write():
             if record.get("queue_id"):
                 self.core.execute("UPDATE queue SET status = ?, updated = ? WHERE id = ? AND status = ?",
