@@ -15,6 +15,8 @@ changes underneath:
   what `AE.start_server` does but with our server class.
 - `use_incoming_dir`: where pynetdicom writes the data sets it receives
   (tempfile's module-level default, which it uses without a directory).
+- event-driven reactors (`_dul_reactor`, `_association_reactor`): pynetdicom's two threads per
+  association poll in 1 ms sleeps; ours sleep on the socket and a wake-up (issue 15).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import fcntl
 import logging
 import os
 import queue
+import select
 import socket
 import ssl
 import struct
@@ -31,10 +34,14 @@ import threading
 import time
 import weakref
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
+import pynetdicom
 import structlog
-from pynetdicom import AE, _config, acse
+from pynetdicom import AE, _config, acse, dul as _dul
+from pynetdicom.association import Association
+from pynetdicom.dul import DULServiceProvider
+from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.transport import ThreadedAssociationServer
 from pynetdicom.utils import make_target
 
@@ -61,6 +68,7 @@ def configure(storage_syntaxes: Sequence[str] = ()) -> None:
     # Sent files are streamed from disk in PDU-sized chunks instead of decoded into memory.
     _config.STORE_SEND_CHUNKED_DATASET = True
     acse.negotiate_unrestricted = negotiate  # pynetdicom's acse module calls it by this name
+    wake_reactors()
     if storage_syntaxes:
         _storage_syntaxes = tuple(str(ts) for ts in storage_syntaxes)
         # Received data sets go straight to a temporary file instead of memory (large instances),
@@ -563,3 +571,235 @@ def reject_busy(assoc: Any) -> None:
     local-limit-exceeded (PS3.8 9.3.4), then end the association as pynetdicom's own limit does."""
     assoc.acse.send_reject(0x02, 0x03, 0x02)
     assoc.kill()
+
+
+# -- event-driven reactors (issue 15) ---------------------------------------------------------------
+#
+# pynetdicom runs two threads per association, and both poll: the DUL thread sleeps 1 ms whenever
+# nothing is queued, the association thread sleeps 1 ms before every look at its queues. Each
+# idle association costs ~10 % of a core, and every hand-over between the two threads (a PDU
+# read, a DIMSE message complete, a response queued) waits up to 1 ms for the next poll, several
+# times per C-STORE on each side. Here the same loops (pynetdicom 3.0's, otherwise line for line)
+# sleep until there is something to do: the DUL thread on its socket and a wake-up pipe written by
+# send_pdu(), the association thread on an Event the DUL thread sets after each state-machine
+# action. Both still look around every TICK seconds, so timers, kill() and a dead peer are
+# noticed as before.
+
+#: The longest either reactor sleeps without being woken (ARTIM and idle timers, kill()).
+TICK = 0.01
+_PATCHED_SERIES = "3.0."  # the loops below are pynetdicom 3.0's; another series keeps its own
+
+
+class _Wake:
+    """A pipe a DUL thread sleeps on beside its socket; poke() from any thread wakes it."""
+
+    def __init__(self) -> None:
+        self._read, self._write = os.pipe()
+        os.set_blocking(self._read, False)
+        os.set_blocking(self._write, False)
+        self._lock = threading.Lock()  # poke() never writes to a closed (and reused) descriptor
+        self._closed = False
+
+    def poke(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            try:
+                os.write(self._write, b"\0")
+            except BlockingIOError:  # already full of pokes: awake anyway
+                pass
+
+    def wait(self, link: Any, timeout: float) -> None:
+        """Until the peer sent something, poke() was called, or `timeout` passed."""
+        raw = getattr(link, "socket", None) if getattr(link, "_is_connected", False) else None
+        if isinstance(raw, ssl.SSLSocket) and raw.pending():
+            return  # decrypted bytes already buffered: select() would not see them
+        try:
+            readable, _, _ = select.select([self._read] if raw is None else [raw, self._read], [], [], timeout)
+        except (OSError, ValueError):  # the socket closed under us: let the loop find out, as pynetdicom would
+            time.sleep(0.001)
+            return
+        if self._read in readable:
+            try:
+                while os.read(self._read, 512):
+                    pass
+            except BlockingIOError:
+                pass
+
+    def close(self) -> None:
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                os.close(self._read)
+                os.close(self._write)
+
+
+def _reactor_event(assoc: Any) -> threading.Event:
+    """The Event an association's reactor sleeps on (created by its DUL thread before the reactor runs)."""
+    event = getattr(assoc, "_telenode_woken", None)
+    if event is None:
+        event = assoc._telenode_woken = threading.Event()
+    return event  # type: ignore[no-any-return]
+
+
+def _poke(dul: Any) -> None:
+    wake = getattr(dul, "_telenode_wake", None)
+    if wake is not None:
+        wake.poke()
+
+
+def _dul_reactor(self: Any) -> None:
+    """DULServiceProvider.run_reactor, sleeping on the socket and the wake-up pipe."""
+    wake = self._telenode_wake = _Wake()
+    woken = _reactor_event(self.assoc)
+    self._idle_timer.start()
+    sleep = False
+    try:
+        while True:
+            if not self.assoc._dul_ready.is_set():
+                self.assoc._dul_ready.set()
+                sleep = True
+            if sleep:
+                wake.wait(self.socket, TICK)
+            if self._kill_thread:
+                break
+            if self.artim_timer.expired:
+                self.event_queue.put("Evt18")
+            try:
+                if self._process_recv_primitive():
+                    pass
+                elif self._is_transport_event():
+                    self._idle_timer.restart()
+            except Exception as exc:  # noqa: BLE001 - pynetdicom's own handling, unchanged
+                _abort_on_error(self, exc)
+                return
+            try:
+                event = self.event_queue.get(block=False)
+            except queue.Empty:
+                sleep = True
+                continue
+            self.state_machine.do_action(event)
+            woken.set()  # a message, release or abort may be waiting for the association's reactor
+            sleep = False
+    finally:
+        wake.close()
+        woken.set()
+
+
+def _abort_on_error(dul: Any, exc: Exception) -> None:
+    """What pynetdicom's DUL does when its loop raises: log, A-ABORT, stop both reactors."""
+    _dul.LOGGER.error("Exception in DUL.run(), aborting association")
+    _dul.LOGGER.exception(exc)
+    abort_pdu = A_ABORT_RQ()
+    abort_pdu.source = 0x02
+    abort_pdu.reason_diagnostic = 0x00
+    dul.socket.send(abort_pdu.encode())
+    dul.assoc.is_aborted = True
+    dul.assoc.is_established = False
+    dul.assoc._kill = True
+    dul._kill_thread = True
+
+
+def _association_reactor(self: Any) -> None:
+    """Association._run_reactor, sleeping on the Event its DUL thread sets instead of 1 ms steps.
+
+    While it sleeps it counts as paused (`_is_paused`): a sender (send_c_store and the like) that
+    closes the checkpoint may go ahead at once instead of waiting for the next poll."""
+    woken = _reactor_event(self)
+    self._is_paused = False
+    while not self._kill:
+        self._is_paused = True
+        woken.wait(TICK)
+        woken.clear()  # cleared before looking: a set() from now on is seen by the next wait
+        self._reactor_checkpoint.wait()
+        self._is_paused = False
+        if _one_round(self):
+            return
+
+
+def _one_round(assoc: Any) -> bool:
+    """One look of pynetdicom's reactor at its queues and timers; True when the association ended."""
+    context_id, msg = assoc.dimse.get_msg(block=False)
+    if msg:
+        assoc._serve_request(msg, context_id)
+    if assoc.is_established and assoc.acse.is_release_requested():
+        assoc.acse.send_release(is_response=True)
+        _association_log().info("Association Released")
+        assoc.is_released = True
+        assoc.is_established = False
+        pynetdicom.evt.trigger(assoc, pynetdicom.evt.EVT_RELEASED, {})
+        assoc.kill()
+        return True
+    if assoc.acse.is_aborted():
+        text = "Association Aborted" + (" (A-P-ABORT)" if assoc.acse.is_aborted("a-p-abort") else "")
+        _association_log().info(text)
+        assoc.dul.receive_pdu(wait=False)  # so that EVT_ACSE_RECV fires for subscribers
+        assoc.is_aborted = True
+        assoc.is_established = False
+        pynetdicom.evt.trigger(assoc, pynetdicom.evt.EVT_ABORTED, {})
+        assoc.kill()
+        return True
+    if not assoc.dul.is_alive():
+        assoc.kill()
+        return True
+    if assoc.dul.idle_timer_expired():
+        _association_log().error("Network timeout reached")
+        if assoc.network_timeout_response == "A-RELEASE":
+            assoc._is_paused = True
+            assoc._reactor_checkpoint.wait()
+            assoc.release()
+            assoc._is_paused = False
+        else:
+            assoc.abort()
+        assoc.kill()
+        return True
+    return False
+
+
+def _association_log() -> logging.Logger:
+    return logging.getLogger("pynetdicom.association")
+
+
+_original: dict[str, Callable[..., Any]] = {  # pynetdicom's own, for the wrappers and for tests/test_net.py to compare against
+    "run_reactor": DULServiceProvider.run_reactor,
+    "_run_reactor": Association._run_reactor,
+    "send_pdu": DULServiceProvider.send_pdu,
+    "kill_dul": DULServiceProvider.kill_dul,
+    "stop_dul": DULServiceProvider.stop_dul,
+    "kill": Association.kill,
+}
+
+
+def _send_pdu(self: Any, primitive: Any) -> None:
+    _original["send_pdu"](self, primitive)
+    _poke(self)
+
+
+def _kill_dul(self: Any) -> None:
+    _original["kill_dul"](self)
+    _poke(self)
+
+
+def _stop_dul(self: Any) -> bool:
+    if self.state_machine.current_state == "Sta1":  # pynetdicom then waits for the thread: wake it first
+        self._kill_thread = True
+        _poke(self)
+    return bool(_original["stop_dul"](self))
+
+
+def _kill(self: Any) -> None:
+    self._kill = True
+    _reactor_event(self).set()
+    _original["kill"](self)
+
+
+def wake_reactors() -> None:
+    """Install the event-driven reactors (idempotent; only over the pynetdicom series they copy)."""
+    if not pynetdicom.__version__.startswith(_PATCHED_SERIES):
+        return
+    DULServiceProvider.run_reactor = _dul_reactor  # type: ignore[method-assign]
+    DULServiceProvider.send_pdu = _send_pdu  # type: ignore[method-assign]
+    DULServiceProvider.kill_dul = _kill_dul  # type: ignore[method-assign]
+    DULServiceProvider.stop_dul = _stop_dul  # type: ignore[method-assign]
+    Association._run_reactor = _association_reactor  # type: ignore[method-assign]
+    Association.kill = _kill  # type: ignore[method-assign]

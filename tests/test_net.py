@@ -430,3 +430,83 @@ def test_admission_keys_load_with_defaults_and_are_checked(tmp_path):
                      ("max_pending_per_address = -1", "max_pending_per_address")):
         with pytest.raises(config.ConfigError, match=rf"node\.{key}"):
             config.load(write(tmp_path, VALID.replace("[node]\n", f"[node]\n{bad}\n")))
+
+
+# -- event-driven reactors (issue 15) ------------------------------------------------------------------
+
+
+def test_the_copied_reactor_loops_are_still_pynetdicoms():
+    """_dul_reactor and _association_reactor are pynetdicom 3.0's loops with the sleeps replaced: if
+    pynetdicom changes either loop, this fails and the copies must be brought up to date."""
+    dul_loop = inspect.getsource(net._original["run_reactor"])
+    for line in ("time.sleep(self._run_loop_delay)", "self.artim_timer.expired", "self._process_recv_primitive()",
+                 "self._is_transport_event()", "self._idle_timer.restart()", "self.event_queue.get(block=False)",
+                 "self.state_machine.do_action(event)", "abort_pdu.source = 0x02", "self.assoc._dul_ready.set()"):
+        assert line in dul_loop, line
+    assoc_loop = inspect.getsource(net._original["_run_reactor"])
+    for line in ("time.sleep(0.001)", "self._reactor_checkpoint.wait()", "self.dimse.get_msg(block=False)",
+                 "self.acse.is_release_requested()", "self.acse.send_release(is_response=True)",
+                 "self.acse.is_aborted(\"a-p-abort\")", "self.dul.receive_pdu(wait=False)",
+                 "self.dul.is_alive()", "self.dul.idle_timer_expired()", "self.network_timeout_response"):
+        assert line in assoc_loop, line
+    assert "self.to_provider_queue.put(primitive)" in inspect.getsource(net._original["send_pdu"])
+    assert "while self.is_alive():" in inspect.getsource(net._original["stop_dul"])
+
+
+def test_configure_installs_the_event_driven_reactors(restore_pynetdicom):
+    net.configure()
+    assert DULServiceProvider.run_reactor is net._dul_reactor
+    assert Association._run_reactor is net._association_reactor
+
+
+def _process_cpu() -> float:
+    usage = __import__("resource").getrusage(__import__("resource").RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def test_an_idle_association_sleeps_and_still_answers_at_once(restore_pynetdicom, acceptor):
+    """Both ends in this process, four reactor threads: pynetdicom's polling costs ~20 % of a core
+    here while nothing happens; the event-driven loops wake only on their tick."""
+    net.configure()
+    node = acceptor()
+    assoc = _echo_assoc(node.port, "ACCEPTOR")
+    assert assoc.is_established
+    time.sleep(0.2)
+    before, started = _process_cpu(), time.monotonic()
+    time.sleep(2.0)
+    idle_share = (_process_cpu() - before) / (time.monotonic() - started)
+    statuses = [assoc.send_c_echo().Status for _ in range(200)]  # each hand-over wakes the other thread
+    assoc.release()
+    assert statuses == [0x0000] * 200
+    assert idle_share < 0.08, f"an idle association used {idle_share:.0%} of a core"
+    assert wait_for(lambda: not assoc.is_alive() and not assoc.dul.is_alive(), 2)
+
+
+def test_an_abort_from_another_thread_ends_both_sides_promptly(restore_pynetdicom, acceptor):
+    net.configure()
+    node = acceptor()
+    ended = threading.Event()
+    node.server.bind(evt.EVT_ABORTED, lambda event: ended.set())
+    assoc = _echo_assoc(node.port, "ACCEPTOR")
+    assert assoc.is_established
+    started = time.monotonic()
+    threading.Thread(target=assoc.abort).start()
+    assert ended.wait(2) and wait_for(lambda: not assoc.is_alive(), 2)
+    assert time.monotonic() - started < 1.0
+
+
+def test_a_release_after_a_store_ends_both_reactor_threads(restore_pynetdicom, tmp_path):
+    net.configure()
+    remote = StoreSCP(tmp_path / "remote", free_port()).start()
+    try:
+        ae = AE(ae_title="SCU")
+        ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+        assoc = ae.associate("127.0.0.1", remote.port, ae_title=remote.ae_title)
+        assert assoc.is_established
+        assert [assoc.send_c_store(ct()).Status for _ in range(5)] == [0x0000] * 5
+        assoc.release()
+        assert assoc.is_released
+        assert wait_for(lambda: not assoc.is_alive() and not assoc.dul.is_alive(), 2)
+        assert len(remote.files()) == 5
+    finally:
+        remote.stop()
