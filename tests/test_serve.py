@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from multiprocessing import spawn
 from pathlib import Path
 
 from conftest import REPO, echo, free_port, storescu, wait_for
@@ -209,3 +210,21 @@ def test_each_worker_receives_into_its_own_folder_emptied_when_it_starts(make_no
     assert wait_for(lambda: len(_children(node.proc.pid)) == 1 and worker not in _children(node.proc.pid), 30)
     assert wait_for(lambda: list(folder.iterdir()) == [], 30)
     assert node.stop() == 0
+
+
+
+_IMPORTS_OF_A_WORKER = ("import sys, node, pydicom.pixels, pydicom.data.download as download; "
+                        "print(sys.modules.get('requests', 'absent') is None, download.HAVE_REQUESTS)")
+
+
+def test_a_worker_process_leaves_requests_unloaded():
+    """serve spawns its workers with multiprocessing's marker on the command line: there pydicom must not
+    load `requests` (~6 MB a worker, issue 15's memory target) and must know that it did not; any other
+    process (the supervisor sends over DICOMweb) keeps it."""
+    assert "--multiprocessing-fork" in spawn.get_command_line()  # how a spawned worker starts
+    worker = subprocess.run([sys.executable, "-c", _IMPORTS_OF_A_WORKER, "--multiprocessing-fork"],
+                            capture_output=True, text=True, cwd=REPO, timeout=60)
+    other = subprocess.run([sys.executable, "-c", _IMPORTS_OF_A_WORKER], capture_output=True, text=True,
+                           cwd=REPO, timeout=60)
+    assert worker.stdout.split() == ["True", "False"], worker.stderr
+    assert other.stdout.split() == ["False", "True"], other.stderr
