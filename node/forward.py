@@ -31,6 +31,7 @@ instances are recorded at least every RECORD_EVERY seconds within a batch.
 
 from __future__ import annotations
 
+import enum
 import random
 import ssl
 import threading
@@ -58,6 +59,14 @@ NO_CONTEXT = "no accepted presentation context for this SOP class and transfer s
 UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 PREEMPT_EVERY = 8  # instances between checks for higher-priority work
 MAX_CONTEXTS = 128  # PS3.8: presentation context IDs are odd numbers 1..255
+
+
+class Sent(enum.Enum):
+    """What one C-STORE attempt did to its queue row."""
+
+    STORED = "stored"  # the remote answered a success or warning status
+    HANDLED = "handled"  # not stored, and the row is already rescheduled or failed (this instance's problem)
+    INTERRUPTED = "interrupted"  # no answer (association lost or timed out): the rest waits for the remote
 
 #: While a destination is down, a C-ECHO every PROBE_EVERY seconds ends the backoff as soon as it
 #: answers: the backlog moves within seconds of the remote's return, whatever the backoff reached.
@@ -316,14 +325,14 @@ class Forwarder(Background):
                 self.store.release([r.id for r in rows[index:]])
                 break
             outcome = self._store_one(assoc, row)
-            if outcome == "sent":
+            if outcome is Sent.STORED:
                 sent += 1
                 self._sent_ids.append(row.id)
                 self._sent_uids.append(row.pseudo_sop_instance_uid)
                 if time.monotonic() - last_record >= RECORD_EVERY:  # status follows the remote
                     self._flush()
                     last_record = time.monotonic()
-            elif outcome == "transient":
+            elif outcome is Sent.INTERRUPTED:
                 self._health.interrupted.add(row.pseudo_sop_instance_uid)
                 if reused and not sent:
                     # The remote dropped an association we kept open (idle timeout): reconnect now.
@@ -391,44 +400,44 @@ class Forwarder(Background):
 
     # -- one instance ---------------------------------------------------------------------------
 
-    def _store_one(self, assoc: Any, row: QueueRow) -> str:
-        """C-STORE one spooled file: 'sent', 'refused' (this instance rescheduled or failed) or 'transient'."""
+    def _store_one(self, assoc: Any, row: QueueRow) -> Sent:
+        """C-STORE one spooled file and say what became of its row."""
         path = Path(row.path)
         uid = row.pseudo_sop_instance_uid
         if not path.exists():  # cannot happen unless someone deleted the spool: say so, don't spin
             self._fail(row, "spool file missing")
-            return "refused"
+            return Sent.HANDLED
         priority = 2 if row.priority < 0 else min(row.priority, 1)
         syntax = _accepted_syntax(assoc, row.sop_class_uid, row.transfer_syntax)
         if syntax is None:
             self._fail(row, f"remote accepts this SOP class in neither {row.transfer_syntax} nor uncompressed")
-            return "refused"
+            return Sent.HANDLED
         source: Path | Dataset = path
         if syntax != row.transfer_syntax:
             try:  # decoded before the send: a missing decoder is this instance's failure, not a lost association
                 source = _uncompressed(path)
             except Exception as exc:  # unreadable, or no decoder installed (codecs.NoDecoderInstalled)
                 self._fail(row, f"cannot read or decompress the spooled instance ({type(exc).__name__})")
-                return "refused"
+                return Sent.HANDLED
             self.log.info("transcoded", sop_instance_uid=uid, from_syntax=row.transfer_syntax, to_syntax=syntax)
         try:
             status = assoc.send_c_store(source, priority=priority)
         except (OSError, RuntimeError) as exc:
             self.log.info("send_interrupted", sop_instance_uid=uid, error=type(exc).__name__)
-            return "transient"
+            return Sent.INTERRUPTED
         except Exception as exc:  # the spooled file is unreadable
             self._fail(row, f"cannot read the spooled instance ({type(exc).__name__})")
-            return "refused"
+            return Sent.HANDLED
         if not isinstance(status, Dataset) or "Status" not in status:
             self.log.info("send_interrupted", sop_instance_uid=uid, error="no response (timeout or abort)")
-            return "transient"
+            return Sent.INTERRUPTED
         code = int(status.Status)
         if code in STORED:
             resent = uid in self._health.interrupted  # the remote may have stored it the first time
             self._health.interrupted.discard(uid)
             self.log.info("instance_sent", sop_instance_uid=uid, status=f"0x{code:04X}", bytes=row.size,
                           **({"resent": True} if resent else {}))
-            return "sent"
+            return Sent.STORED
         comment = str(status.get("ErrorComment", "") or "").strip()
         reason = f"status 0x{code:04X}" + (f": {comment}" if comment else "")
         if code >> 8 == 0xA7:  # out of resources: try this one again later, forever, without counting it
@@ -437,14 +446,14 @@ class Forwarder(Background):
             self.store.note_error(self.destination.name, reason)
             self.log.warning("remote_out_of_resources", sop_instance_uid=uid, status=f"0x{code:04X}",
                              retry_in_s=round(delay, 1))
-            return "refused"
+            return Sent.HANDLED
         return self._refused(row, reason)
 
     def _retry_delay(self, tries: int) -> float:
         d = self.destination
         return min(d.retry_delay * d.retry_multiplier ** tries, d.max_retry_delay) * random.uniform(0.8, 1.2)
 
-    def _refused(self, row: QueueRow, reason: str) -> str:
+    def _refused(self, row: QueueRow, reason: str) -> Sent:
         d = self.destination
         if row.failures + 1 >= d.max_failures:
             self._fail(row, reason)
@@ -452,7 +461,7 @@ class Forwarder(Background):
             self.store.mark_retry(row.id, reason, self._retry_delay(row.failures), failure=True)
             self.log.warning("instance_refused_by_remote", sop_instance_uid=row.pseudo_sop_instance_uid,
                              reason=reason, failures=row.failures + 1)
-        return "refused"
+        return Sent.HANDLED
 
     def _fail(self, row: QueueRow, reason: str) -> None:
         """Permanent: the row is failed, the anonymized file copied to the quarantine with the reason."""
