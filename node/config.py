@@ -169,6 +169,7 @@ class Settings:
     association_request_timeout: float = 5.0  # seconds from TCP connect to the A-ASSOCIATE-RQ
     max_pending_per_address: int = 8  # connections per peer address not yet associated
     retention_sent_days: float = 0.0  # [retention] sent_days: queue rows of delivered instances kept; 0 = forever
+    retention_staging_days: float = 0.0  # [retention] staging_days: finished batch-prepare folders kept; 0 = forever
 
     @property
     def mapping_key(self) -> Path:
@@ -393,6 +394,7 @@ HL7_KEYS: dict[str, tuple[Any, Any, Check | None]] = {
 }
 RETENTION_KEYS: dict[str, tuple[Any, Any, Check | None]] = {
     "sent_days": (NUMBER, 0, lambda v: None if v >= 0 else "must be 0 (keep forever) or a number of days"),
+    "staging_days": (NUMBER, 0, lambda v: None if v >= 0 else "must be 0 (keep forever) or a number of days"),
 }
 ROUTE_KEYS: dict[str, tuple[Any, Any, Check | None]] = {
     "name": (str, "", None),
@@ -563,6 +565,7 @@ def load(path: str | os.PathLike[str]) -> Settings:
         association_request_timeout=float(node["association_request_timeout"]),
         max_pending_per_address=node["max_pending_per_address"],
         retention_sent_days=float(retention["sent_days"]),
+        retention_staging_days=float(retention["staging_days"]),
         stable_seconds=float(studies["stable_seconds"]),
     )
 

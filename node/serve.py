@@ -77,7 +77,8 @@ def run(parts: Parts, stop: threading.Event) -> None:
         metrics.prime(tuple(d.name for d in settings.destinations))
     pool = _Workers(parts)
     gateway = None
-    retention = Retention(store, settings.retention_sent_days)
+    retention = Retention(store, settings.retention_sent_days, staging=settings.data_dir / "staging",
+                          staging_days=settings.retention_staging_days)
     try:
         _start_return(returning)  # before the workers: once node.port answers, the return AE does too
         gateway = _gateway(parts, forwarders, pool)  # token file and port first: scripts read the token

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from conftest import PEER_ENV, REPO, Node, dcmtk, free_port, listening, storescu, wait_for
+from node import config
 from node.retention import Retention
 from node.store import Store
 from studies import make_study
@@ -253,6 +254,48 @@ def test_retention_prunes_old_sent_rows_only(tmp_path):
     assert store.verify_audit().intact
     assert Retention(store, sent_days=0, clock=lambda: now + 10**9).tick() == 0  # 0: kept forever
     store.close()
+
+
+
+def _staged(root, batch_id: str, finished_at: float | None) -> None:
+    """A batch-prepare staging folder; `finished_at` None: still running (no result file yet)."""
+    (root / batch_id / "s1").mkdir(parents=True)
+    (root / batch_id / "s1" / "a.dcm").write_bytes(b"de-identified")
+    (root / batch_id / "manifest.json").write_text("{}")
+    if finished_at is not None:
+        result = root / f"{batch_id}.json"
+        result.write_text("{}")
+        os.utime(result, (finished_at, finished_at))
+
+
+def test_retention_removes_staging_of_batches_finished_long_ago_only(tmp_path):
+    store = Store(tmp_path / "telenode.sqlite")
+    staging = tmp_path / "staging"
+    now = time.time()
+    _staged(staging, "old1", now - 8 * 86400)
+    _staged(staging, "recent1", now - 1 * 86400)
+    _staged(staging, "running1", None)
+    retention = Retention(store, sent_days=0, clock=lambda: now, staging=staging, staging_days=7)
+    assert retention.tick() == 0  # queue rows: none pruned (sent_days = 0)
+    assert sorted(p.name for p in staging.iterdir()) == ["recent1", "recent1.json", "running1"]
+    [record] = store.audit_records("staging_pruned")
+    assert record["batches"] == 1
+    assert store.verify_audit().intact
+    kept = Retention(store, sent_days=0, clock=lambda: now + 10**9, staging=staging, staging_days=0)
+    kept.tick()  # 0: staging kept forever
+    assert (staging / "recent1").is_dir() and (staging / "running1").is_dir()
+    store.close()
+
+
+def test_retention_staging_days_is_a_config_key(tmp_path):
+    path = tmp_path / "telenode.toml"
+    path.write_text('[node]\nae_title = "TELENODE"\nport = 11112\ndata_dir = "var"\n\n'
+                    '[anonymization]\nkey_file = "var/k.key"\n\n[retention]\nstaging_days = 14\n\n'
+                    '[[destinations]]\nname = "r"\nae_title = "R"\nhost = "127.0.0.1"\nport = 104\n')
+    assert config.load(path).retention_staging_days == 14.0
+    path.write_text(path.read_text().replace("staging_days = 14", "staging_days = -1"))
+    with pytest.raises(config.ConfigError, match="staging_days"):
+        config.load(path)
 
 
 @pytest.mark.dcmtk
