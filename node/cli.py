@@ -18,7 +18,6 @@ import resource
 import signal
 import sqlite3
 import sys
-import threading
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -159,9 +158,7 @@ def _check_keys(settings: config.Settings) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     # First of all: a SIGTERM that arrives while the node starts must still stop it gracefully.
-    stop = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
+    stop = serve.stop_on([signal.SIGTERM, signal.SIGINT])
     settings = _settings(args)
     log.configure(settings.log_format, settings.log_level)
     _writable(settings)

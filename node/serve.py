@@ -43,6 +43,47 @@ _SPAWN = multiprocessing.get_context("spawn")  # never fork a process that runs 
 RESTART_PAUSE = 1.0  # seconds between restarts of a worker that keeps dying
 
 
+class SignalStop(threading.Event):
+    """The stop request of a process, safe to make from a signal handler (`request`).
+
+    A handler runs in the main thread between two bytecodes, possibly inside Event.set() or
+    Event.wait(), which hold the Event's lock: a handler that called set() itself waited for that
+    lock forever (seen: two SIGTERMs in a row, from `timeout` and from pkill, hung the supervisor).
+    `request` only records the request; the next `is_set` or `wait` — in normal code, where the lock
+    may be taken — turns it into a real set(), so threads waiting on the Event wake as usual."""
+
+    STEP = 0.1  # seconds: how soon wait() notices a request made by a handler
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.requested = False
+
+    def request(self, *_: Any) -> None:
+        self.requested = True  # no lock, no allocation worth speaking of: nothing a handler must not do
+
+    def is_set(self) -> bool:
+        if self.requested and not super().is_set():
+            self.set()
+        return super().is_set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self.is_set():
+            remaining = self.STEP if deadline is None else min(self.STEP, deadline - time.monotonic())
+            if remaining <= 0:
+                return False
+            super().wait(remaining)
+        return True
+
+
+def stop_on(signals: Sequence[int]) -> SignalStop:
+    """A SignalStop requested by any of `signals`."""
+    stop = SignalStop()
+    for signum in signals:
+        signal.signal(signum, stop.request)
+    return stop
+
+
 class StartError(Exception):
     """The node cannot start (port taken, worker failed); the message says why, without PHI."""
 
@@ -287,8 +328,7 @@ def _worker_main(index: int, settings: config.Settings, open_worker: Callable[..
                  pipe: Connection, supervisor: int) -> None:
     """One SCP worker process: receive, de-identify, spool and record until SIGTERM."""
     _die_with_parent(supervisor)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    stop = stop_on([signal.SIGTERM])
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C reaches the supervisor, which decides
     log.configure(settings.log_format, settings.log_level, process=f"worker-{index}")
     lock = threading.Lock()  # C-STORE threads share the pipe

@@ -10,11 +10,13 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from multiprocessing import spawn
 from pathlib import Path
 
+from node import serve
 from conftest import REPO, echo, free_port, storescu, wait_for
 from studies import make_study
 
@@ -139,6 +141,46 @@ def test_sigterm_stops_workers_and_exits_zero(make_node):
     assert node.stop() == 0
     assert not any(_alive(pid) for pid in workers)
     assert any(line.get("event") == "node_stopped" for line in _log_lines(node))
+
+
+
+def test_sigterm_in_quick_succession_still_stops_the_node(make_node):
+    """`timeout`, systemd and an operator's pkill may each send SIGTERM: a second signal arriving while
+    the first handler was inside Event.set() hung the supervisor for good (seen by hand)."""
+    node = _workers(make_node([("TELERAD", free_port())]), 2).start()
+    assert wait_for(lambda: _ready(node, 2), 60)
+    workers = _children(node.proc.pid)
+    until = time.monotonic() + 0.5  # a stream of signals: some land while a handler is running
+    while time.monotonic() < until and node.proc.poll() is None:
+        os.kill(node.proc.pid, signal.SIGTERM)
+    assert node.proc.wait(60) == 0
+    assert not any(_alive(pid) for pid in workers)
+    assert any(line.get("event") == "node_stopped" for line in _log_lines(node))
+
+
+def test_a_stop_request_from_a_signal_handler_takes_no_lock():
+    """A handler interrupts the main thread anywhere, also inside Event.set() or wait() with the Event's
+    lock held: the request must not take that lock (threading.Event.set() would wait for it forever)."""
+    stop = serve.SignalStop()
+    done = threading.Event()
+
+    def interrupted_inside_the_event() -> None:
+        with stop._cond:  # the lock Event.set() and Event.wait() hold
+            stop.request()
+        done.set()
+
+    threading.Thread(target=interrupted_inside_the_event, daemon=True).start()
+    assert done.wait(5), "the request waited for the Event's lock"
+    assert stop.is_set()
+
+
+def test_a_stop_request_wakes_a_waiting_thread():
+    stop = serve.SignalStop()
+    woke = threading.Event()
+    threading.Thread(target=lambda: stop.wait() and woke.set(), daemon=True).start()
+    assert not stop.wait(0.3)  # nothing requested: waits out its timeout
+    stop.request()
+    assert woke.wait(2)
 
 
 def test_a_taken_port_is_an_error_not_a_shared_port(make_node):
