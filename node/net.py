@@ -704,7 +704,12 @@ def _association_reactor(self: Any) -> None:
     """Association._run_reactor, sleeping on the Event its DUL thread sets instead of 1 ms steps.
 
     While it sleeps it counts as paused (`_is_paused`): a sender (send_c_store and the like) that
-    closes the checkpoint may go ahead at once instead of waiting for the next poll."""
+    closes the checkpoint may go ahead at once instead of waiting for the next poll.
+
+    pynetdicom's pause handshake has a window: the reactor passes the checkpoint, a sender closes
+    it and sees `_is_paused` still true, and the reactor then takes the sender's response off the
+    queue (issue 11's stall; `guard_reactor`). Looking at the checkpoint again after leaving the
+    paused state closes it: a sender that came through the window is let go first."""
     woken = _reactor_event(self)
     self._is_paused = False
     while not self._kill:
@@ -713,6 +718,8 @@ def _association_reactor(self: Any) -> None:
         woken.clear()  # cleared before looking: a set() from now on is seen by the next wait
         self._reactor_checkpoint.wait()
         self._is_paused = False
+        if not self._reactor_checkpoint.is_set():  # a sender closed it after we passed: its turn
+            continue
         if _one_round(self):
             return
 
