@@ -715,7 +715,10 @@ def test_parallel_workers_share_a_backlog_and_send_each_instance_once(tmp_path, 
     node.start()
     study = make_study(tmp_path / "study", instances=24, series=1)
     assert storescu(node.port, study.files).returncode == 0
-    remote = peers.pynetdicom(port=port, respond=lambda ds, seen: (time.sleep(0.02), 0x0000)[1]).start()
+    # 0.1 s a C-STORE: the backlog outlasts a worker's backoff after the outage (its C-ECHO probe runs
+    # every 2 s), so the second worker joins even when the first resumes at once (0.02 s: 1 run in ~12
+    # had the first send everything).
+    remote = peers.pynetdicom(port=port, respond=lambda ds, seen: (time.sleep(0.1), 0x0000)[1]).start()
     assert wait_for(lambda: len(remote.uids()) == 24, 60), status(node)
     time.sleep(0.5)
     assert sorted(remote.uids()) == sorted(set(remote.uids()))
