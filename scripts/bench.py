@@ -13,6 +13,8 @@ multi-frame instance), then measures, each repeated and reported as median (minâ
 * Orthanc (if installed) auto-forwarding to the same storescp from a Lua OnStoredInstance script:
   (a) forward only, (b) anonymize (REST) then forward;
 * the large instance: DCMTK ceiling and telenode, with the node's peak RSS;
+* per instance with one sender, from the node's log: time in the pipeline, and the rest of the time
+  between two instances stored (receive, response, the sender's next request);
 * in process, per CT header: parse, de-identify, leak guard, encode.
 
     python3 scripts/bench.py [--ct 500] [--mr 150] [--repeat 3] [--large-mib 1024] [--work-dir DIR]
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import os
 import platform
 import shutil
@@ -36,6 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Callable
 
@@ -118,6 +122,10 @@ def run_pyscp(run: Path, folders: list[Path], expected: int) -> Result:
     return seconds, peak
 
 
+#: Per run folder ("telenode-0", â€¦): the node's pace from its own log, before the folder goes.
+PACES: dict[str, tuple[float, float]] = {}
+
+
 def run_telenode(run: Path, folders: list[Path], expected: int, workers: int | None = None,
                  marker: bool = False) -> Result:
     remote = Remote(run / "remote", marker=marker)
@@ -132,7 +140,32 @@ def run_telenode(run: Path, folders: list[Path], expected: int, workers: int | N
     finally:
         peak = node.stop() if node else None
         remote.stop()
+    found = pace(run / "node.log")
+    if found:
+        PACES[run.name] = found
     return seconds, peak
+
+
+def pace(log: Path) -> tuple[float, float] | None:
+    """From the node's instance_stored lines: the median ms an instance spends in the pipeline (the
+    node's own `ms`: parse, de-identify, guard, write, fsync, commit) and the median ms between two
+    instances stored. With one sender the difference is everything else on the critical path:
+    pynetdicom's receive, the response, and the sender's next request."""
+    stored, spent = [], []
+    for line in log.read_text(errors="replace").splitlines():
+        if '"instance_stored"' not in line:
+            continue
+        try:
+            event = json.loads(line)
+            stored.append(datetime.fromisoformat(event["timestamp"].replace("Z", "+00:00")).timestamp())
+            spent.append(float(event["ms"]))
+        except (ValueError, KeyError):
+            continue
+    if len(stored) < 3:
+        return None
+    stored.sort()
+    gaps = [(later - earlier) * 1000 for earlier, later in zip(stored, stored[1:])]
+    return statistics.median(spent), statistics.median(gaps)
 
 
 def run_orthanc(run: Path, folders: list[Path], expected: int, anonymize: bool) -> Result:
@@ -247,6 +280,23 @@ class Row:
         med = self.median
         return (f"{self.label:44} {spread(self.seconds):>22} {count / med:9.1f} {megabytes / med:8.1f}   "
                 f"{rss_text(self.peaks)}  {cpu_text(self.peaks, count)}")
+
+
+def pace_lines(rows: dict[str, Row], count: int) -> list[str]:
+    """Where one sender's time per instance goes, from the node's log (medians over the runs)."""
+    lines = ["per instance, one sender (the node's log; medians), ms:"]
+    for key in ("telenode", "w1"):
+        found = [value for name, value in PACES.items() if name.rsplit("-", 1)[0] == key]
+        if not found:
+            continue
+        inside = statistics.median(f[0] for f in found)
+        between = statistics.median(f[1] for f in found)
+        lines.append(f"  {rows[key].label:44} {between:6.2f} between instances = {inside:.2f} in the pipeline"
+                     f" + {between - inside:.2f} receive, response and the sender's next request")
+    bare = rows["pyscp"].median
+    if bare:
+        lines.append(f"  {rows['pyscp'].label:44} {bare * 1000 / count:6.2f} per instance in all")
+    return lines if len(lines) > 1 else []
 
 
 def ratio_line(label: str, numerator: Row, denominator: Row) -> str:
@@ -392,6 +442,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print("large instance: skipped (--large-mib 0)")
     for line in targets(rows, large_rows):
+        print(line)
+    for line in pace_lines(rows, count):
         print(line)
     print(f"in process, per CT header ({len(per_step['parse'])} instances), ms:")
     for name, values in per_step.items():
