@@ -154,7 +154,7 @@ class Settings:
     routes: tuple[Route, ...] = ()
     min_free_mb: int = 64  # below this free space on data_dir the SCP answers 0xA700
     stop_timeout: float = 30.0  # seconds SIGTERM waits for in-flight C-STOREs and sends
-    workers: int = 1  # SCP worker processes sharing the port (SO_REUSEPORT); "auto" = one per core
+    workers: int = 1  # SCP worker processes accepting on one shared listening socket; "auto" = one per core
     tls: TLS | None = None  # the TLS listener ([node.tls]); None: plain only
     mapping_key_file: Path | None = None  # encrypts originals in the mapping store; None: beside key_file
     operators: tuple[str, ...] = ()  # who may re-identify; empty: anyone who can read the config and keys

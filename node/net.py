@@ -11,8 +11,9 @@ changes underneath:
 - per association: its TCP socket, the called AE title of a request, the reason
   of an A-ASSOCIATE-RJ, a bounded send queue, and the guard against the
   reactor stealing a response (the stall of issue 11, see `guard_reactor`).
-- the listening server (SO_REUSEPORT, a larger backlog) and `serve`, which does
-  what `AE.start_server` does but with our server class.
+- the listening side: `listener`, the socket the supervisor opens and its workers
+  share; our server class on it (a larger backlog) and `serve`, which does what
+  `AE.start_server` does but with our server class.
 - `use_incoming_dir`: where pynetdicom writes the data sets it receives
   (tempfile's module-level default, which it uses without a directory).
 - event-driven reactors (`_dul_reactor`, `_association_reactor`): pynetdicom's two threads per
@@ -250,21 +251,67 @@ def record_tls_failures(context: ssl.SSLContext, describe: Any) -> None:
 # -- the listening side -----------------------------------------------------------------------------
 
 
-class Server(ThreadedAssociationServer):
-    """pynetdicom's threaded server, its socket bound with SO_REUSEPORT: worker processes share the port."""
+# socketserver's default backlog of 5 drops SYNs when a PACS opens a burst of associations
+# (clients then wait out a retransmission timeout, 1 s and more).
+BACKLOG = 128
 
-    # socketserver's default backlog of 5 drops SYNs when a PACS opens a burst of associations
-    # (clients then wait out a retransmission timeout, 1 s and more).
-    request_queue_size = 128
+
+def listener(host: str, port: int) -> socket.socket:
+    """A listening socket that worker processes inherit and accept on together (see `Server`).
+
+    Not SO_REUSEPORT: with a socket per worker the kernel hashes each connection to one of
+    them whatever they are doing, and two modalities land on the same busy worker half the
+    time. On one shared socket, every worker waits to accept, and the one whose interpreter
+    is free takes the connection first. Non-blocking: a worker that lost the race gets
+    EAGAIN instead of waiting in accept() for the next connection.
+    """
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT of a previous run
+        sock.bind((host, port))
+        sock.listen(BACKLOG)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+class Server(ThreadedAssociationServer):
+    """pynetdicom's threaded server on a listening socket the worker inherited (`adopted`), or
+    one it binds itself with SO_REUSEPORT (the return path, tests)."""
+
+    request_queue_size = BACKLOG
+    adopted: socket.socket | None = None  # set on a subclass by `serve`
 
     def server_bind(self) -> None:
         assert self.socket is not None  # socketserver creates it before binding
+        if self.adopted is not None:
+            self.socket.close()
+            self.socket = self.adopted
+            self.socket.setblocking(False)  # this process's socket object: no timeout, EAGAIN if another took it
+            self.server_address = self.socket.getsockname()
+            return
         self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         super().server_bind()
 
+    def server_activate(self) -> None:
+        if self.adopted is None:  # an adopted socket is listening already
+            super().server_activate()
 
-def serve(ae: AE, address: tuple[str, int], handlers: list, server_class: type, **attributes: Any) -> Any:
-    """ae.start_server(block=False), but with our server class (start_server takes none)."""
+    def server_close(self) -> None:
+        if self.adopted is None:
+            super().server_close()
+        elif self.socket is not None:  # this process's descriptor only: shutdown() would stop every worker's
+            self.socket.close()
+
+
+def serve(ae: AE, address: tuple[str, int], handlers: list, server_class: type, sock: socket.socket | None = None,
+          **attributes: Any) -> Any:
+    """ae.start_server(block=False), but with our server class (start_server takes none), on the
+    inherited listening socket `sock` if there is one."""
+    if sock is not None:
+        server_class = type(server_class.__name__, (server_class,), {"adopted": sock})
     server = ae.make_server(address, evt_handlers=handlers, server_class=server_class)
     for name, value in attributes.items():  # before the first connection can arrive
         setattr(server, name, value)

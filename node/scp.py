@@ -10,8 +10,9 @@ pynetdicom — to the pipeline, answering with the pipeline's status.
 With [node.tls] a DICOM TLS listener (PS3.15 Annex B) runs beside the plain
 one (or alone, on node.port): the handshake runs in the connection's own
 thread under handshake_timeout, so a client that connects and stalls never
-holds up the accept loop. Every listening socket is bound with SO_REUSEPORT
-so that worker processes share the ports. Each association attempt leaves
+holds up the accept loop. The worker processes accept on listening sockets
+the supervisor opened and they share (net.listener): a new association goes
+to whichever worker is free to take it. Each association attempt leaves
 one audit record (accepted, rejected, or refused at the TLS handshake).
 """
 
@@ -24,7 +25,7 @@ import ssl
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from pydicom.dataset import Dataset
 from pydicom.uid import (
@@ -276,18 +277,21 @@ class Listeners:
 _serve = net.serve
 
 
-def _serve_tls(ae: AE, settings: Settings, config: TLS, handlers: list, store: Store) -> Any:
+def _serve_tls(ae: AE, settings: Settings, config: TLS, handlers: list, store: Store,
+               sock: socket.socket | None) -> Any:
     try:  # before binding: a certificate that does not match its key fails the start
         context = tls.server_context(config)
     except ssl.SSLError as exc:
         raise OSError(errno.EINVAL, f"node.tls: cannot use the certificate or key ({tls.describe(exc)})") from None
-    return _serve(ae, (settings.host, config.port), handlers, _TLSServer, tls_context=context,
+    return _serve(ae, (settings.host, config.port), handlers, _TLSServer, sock, tls_context=context,
                   handshake_timeout=config.handshake_timeout, on_refused=_refusal_reporter(store),
                   handshakes=threading.BoundedSemaphore(max(8, settings.max_associations)))
 
 
-def start(settings: Settings, pipeline: Pipeline) -> Listeners:
-    """Start the plain and/or TLS listeners of [node] / [node.tls] in background threads."""
+def start(settings: Settings, pipeline: Pipeline, sockets: Mapping[int, socket.socket] | None = None) -> Listeners:
+    """Start the plain and/or TLS listeners of [node] / [node.tls] in background threads, on the
+    listening sockets by port that the supervisor opened (`sockets`), else binding their own."""
+    sockets = sockets or {}
     net.configure(TRANSFER_SYNTAXES)
     ae = build_ae(settings)
     store = pipeline.store
@@ -310,9 +314,9 @@ def start(settings: Settings, pipeline: Pipeline) -> Listeners:
     servers: list[Any] = []
     try:
         if plain:
-            servers.append(_serve(ae, (settings.host, settings.port), handlers, _Server))
+            servers.append(_serve(ae, (settings.host, settings.port), handlers, _Server, sockets.get(settings.port)))
         if settings.tls is not None:
-            servers.append(_serve_tls(ae, settings, settings.tls, handlers, store))
+            servers.append(_serve_tls(ae, settings, settings.tls, handlers, store, sockets.get(settings.tls.port)))
     except Exception:  # the TLS port is taken, say: don't leave the plain listener running
         Listeners(ae, servers).shutdown()
         raise

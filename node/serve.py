@@ -3,8 +3,9 @@
 `telenode serve` runs the supervisor (`run`). It does what must happen once —
 load and check the keys, migrate the store, recover what a killed node left in
 flight, clean the spool — then starts `[node] workers` worker processes, each a
-Storage SCP with its own pipeline and its own store connection on the same port
-(SO_REUSEPORT: the kernel spreads associations over them), and runs the
+Storage SCP with its own pipeline and its own store connection, all accepting on
+the listening sockets the supervisor opened (the worker that is free takes the
+next association: net.listener), and runs the
 forwarders itself. Receiving and de-identifying are CPU-bound Python, so they get
 the cores; sending runs beside them instead of sharing one interpreter lock.
 
@@ -104,7 +105,7 @@ def run(parts: Parts, stop: threading.Event) -> None:
     settings, store = parts.settings, parts.store
     logger = log.get("node")
     net.configure()
-    _probe_ports(settings)
+    sockets = _listen(settings)
     recovered = store.recover()
     spool = Spool(settings.spool_dir)
     spool.cleanup_tmp()
@@ -116,7 +117,7 @@ def run(parts: Parts, stop: threading.Event) -> None:
     if settings.http is not None:  # before any worker starts: they inherit the metrics folder
         metrics.enable(settings.data_dir)
         metrics.prime(tuple(d.name for d in settings.destinations))
-    pool = _Workers(parts)
+    pool = _Workers(parts, sockets)
     gateway = None
     retention = Retention(store, settings.retention_sent_days, staging=settings.data_dir / "staging",
                           staging_days=settings.retention_staging_days)
@@ -149,6 +150,8 @@ def run(parts: Parts, stop: threading.Event) -> None:
         _stop(pool, forwarders, deadline)
         if returning is not None:
             returning.stop(deadline)
+        for sock in sockets.values():
+            sock.close()
     store.audit("node_stopped")
     logger.info("node_stopped")
 
@@ -178,9 +181,28 @@ def _other_kinds(settings: config.Settings, store: Store, spool: Spool, quaranti
     return [worker for d in others for worker in workers(d, store, spool, batches, quarantine)]
 
 
+def _listen(settings: config.Settings) -> dict[int, socket.socket]:
+    """The node's listening sockets by port ([node] port, [node.tls] port), opened here once and
+    shared by every worker, restarted ones included; a taken port is a start error."""
+    ports = [] if settings.tls is not None and settings.tls.port == settings.port else [settings.port]
+    ports += [settings.tls.port] if settings.tls is not None else []
+    sockets: dict[int, socket.socket] = {}
+    try:
+        for port in ports:
+            try:
+                sockets[port] = net.listener(settings.host, port)
+            except OSError as exc:
+                raise StartError(f"cannot listen on {settings.host}:{port}: {exc.strerror}") from None
+    except BaseException:
+        for sock in sockets.values():
+            sock.close()
+        raise
+    return sockets
+
+
 def _probe_ports(settings: config.Settings) -> None:
-    """Workers bind with SO_REUSEPORT, which would silently share a port with another telenode:
-    bind each port once without it first, so a taken port is an error, as users expect."""
+    """The return path's listeners bind with SO_REUSEPORT, which would silently share a port with
+    another telenode: bind each port once without it first, so a taken port is an error."""
     ports = [settings.port] + ([settings.tls.port] if settings.tls and settings.tls.port != settings.port else [])
     for port in ports:
         with socket.socket(socket.AF_INET6 if ":" in settings.host else socket.AF_INET) as probe:
@@ -222,8 +244,9 @@ def _stop(pool: "_Workers", forwarders: Sequence[Any], deadline: float) -> None:
 class _Workers:
     """The SCP worker processes: start, listen to, restart, stop."""
 
-    def __init__(self, parts: Parts) -> None:
+    def __init__(self, parts: Parts, sockets: dict[int, socket.socket]) -> None:
         self.parts = parts
+        self.sockets = sockets  # the listening sockets every worker inherits
         count = parts.settings.workers
         self.processes: list[Any] = [None] * count
         self.pipes: list[Connection | None] = [None] * count
@@ -249,7 +272,7 @@ class _Workers:
         reader, writer = _SPAWN.Pipe(duplex=False)
         process = _SPAWN.Process(
             target=_worker_main, name=f"telenode-worker-{index}", daemon=True,
-            args=(index, self.parts.settings, self.parts.open_worker, writer, os.getpid()),
+            args=(index, self.parts.settings, self.parts.open_worker, writer, os.getpid(), self.sockets),
         )
         process.start()
         writer.close()  # the worker holds the only write end: end of file = the worker is gone
@@ -325,7 +348,7 @@ def _die_with_parent(supervisor: int) -> None:
 
 
 def _worker_main(index: int, settings: config.Settings, open_worker: Callable[..., tuple[Any, Store]],
-                 pipe: Connection, supervisor: int) -> None:
+                 pipe: Connection, supervisor: int, sockets: dict[int, socket.socket]) -> None:
     """One SCP worker process: receive, de-identify, spool and record until SIGTERM."""
     _die_with_parent(supervisor)
     stop = stop_on([signal.SIGTERM])
@@ -346,7 +369,7 @@ def _worker_main(index: int, settings: config.Settings, open_worker: Callable[..
         pipeline, store = open_worker(settings, lambda: tell(QUEUED))
         from node import scp
 
-        server = scp.start(settings, pipeline)
+        server = scp.start(settings, pipeline, sockets)
     except Exception as exc:  # noqa: BLE001 - reported to the supervisor, which exits with it
         tell(FAILED + _describe(exc).encode("utf-8", "replace"))
         return
