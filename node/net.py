@@ -257,7 +257,9 @@ BACKLOG = 128
 
 
 def listener(host: str, port: int) -> socket.socket:
-    """A listening socket that worker processes inherit and accept on together (see `Server`).
+    """A socket bound to the port, that worker processes inherit and accept on together once the
+    caller has called `listen(BACKLOG)` on it (see `Server`). Binding first makes a taken port a
+    start error before anything else starts; connections are refused until it listens.
 
     Not SO_REUSEPORT: with a socket per worker the kernel hashes each connection to one of
     them whatever they are doing, and two modalities land on the same busy worker half the
@@ -269,7 +271,6 @@ def listener(host: str, port: int) -> socket.socket:
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT of a previous run
         sock.bind((host, port))
-        sock.listen(BACKLOG)
         sock.setblocking(False)
     except BaseException:
         sock.close()

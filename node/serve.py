@@ -124,6 +124,8 @@ def run(parts: Parts, stop: threading.Event) -> None:
     try:
         _start_return(returning)  # before the workers: once node.port answers, the return AE does too
         gateway = _gateway(parts, forwarders, pool)  # token file and port first: scripts read the token
+        for sock in sockets.values():  # once node.port answers, the token file and the return AE exist
+            sock.listen(net.BACKLOG)
         pool.start()
         if gateway is not None:
             gateway.start()
@@ -182,8 +184,9 @@ def _other_kinds(settings: config.Settings, store: Store, spool: Spool, quaranti
 
 
 def _listen(settings: config.Settings) -> dict[int, socket.socket]:
-    """The node's listening sockets by port ([node] port, [node.tls] port), opened here once and
-    shared by every worker, restarted ones included; a taken port is a start error."""
+    """The node's sockets by port ([node] port, [node.tls] port), bound here once and shared by
+    every worker, restarted ones included; a taken port is a start error. `run` has them listen
+    just before the workers start."""
     ports = [] if settings.tls is not None and settings.tls.port == settings.port else [settings.port]
     ports += [settings.tls.port] if settings.tls is not None else []
     sockets: dict[int, socket.socket] = {}
