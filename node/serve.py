@@ -190,30 +190,21 @@ def _listen(settings: config.Settings) -> dict[int, socket.socket]:
     ports = [] if settings.tls is not None and settings.tls.port == settings.port else [settings.port]
     ports += [settings.tls.port] if settings.tls is not None else []
     sockets: dict[int, socket.socket] = {}
-    try:
-        for port in ports:
-            try:
-                sockets[port] = net.listener(settings.host, port)
-            except OSError as exc:
-                raise StartError(f"cannot listen on {settings.host}:{port}: {exc.strerror}") from None
-    except BaseException:
-        for sock in sockets.values():
-            sock.close()
-        raise
+    for port in ports:
+        try:
+            sockets[port] = net.listener(settings.host, port)
+        except OSError as exc:
+            for sock in sockets.values():
+                sock.close()
+            raise StartError(f"cannot listen on {settings.host}:{port}: {exc.strerror}") from None
     return sockets
 
 
 def _probe_ports(settings: config.Settings) -> None:
     """The return path's listeners bind with SO_REUSEPORT, which would silently share a port with
     another telenode: bind each port once without it first, so a taken port is an error."""
-    ports = [settings.port] + ([settings.tls.port] if settings.tls and settings.tls.port != settings.port else [])
-    for port in ports:
-        with socket.socket(socket.AF_INET6 if ":" in settings.host else socket.AF_INET) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                probe.bind((settings.host, port))
-            except OSError as exc:
-                raise StartError(f"cannot listen on {settings.host}:{port}: {exc.strerror}") from None
+    for sock in _listen(settings).values():
+        sock.close()
 
 
 def _return_path(settings: config.Settings, store: Store, quarantine: Quarantine) -> returnpath.Service | None:
