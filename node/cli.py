@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-from node import __version__, backup, config, datadir, health, log, privileged, returnpath, serve
+from node import __version__, backup, config, datadir, health, log, privileged, returnpath, serve, settle
 from node.deid import Deidentifier, Pseudonymizer, load_or_create_key
 from node.deid.guard import Guard
 from node.deid.pseudonyms import KeyFileError
@@ -331,9 +331,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     for name in returning:
         queues.setdefault(name, empty_status())
     batches = _batch_summary(settings)
+    waiting = settle.waiting(settings.received_dir)
     if args.json:
         print(json.dumps({"destinations": queues, "quarantine": quarantined, "quarantine_by_kind": by_kind,
-                          "return_destinations": returning, "batches": batches}, indent=2, sort_keys=True))
+                          "return_destinations": returning, "batches": batches, "received": waiting},
+                         indent=2, sort_keys=True))
         return 0
     print(f"{'destination':<20} {'state':<7} {'pending':>8} {'sending':>8} {'sent':>8} {'failed':>8} "
           f"{'oldest':>9}  last error")
@@ -344,6 +346,8 @@ def cmd_status(args: argparse.Namespace) -> int:
               f"{'-' if age is None else f'{age:.0f}s':>9}  {row.get('last_error') or ''}")
     if returning:
         print(f"return path (re-identified, to the hospital): {', '.join(returning)}")
+    if waiting or settings.ack == "received":
+        print(f"received (ack = received), not de-identified yet: {waiting}")
     kinds = ", ".join(f"{kind} {count}" for kind, count in sorted(by_kind.items()))
     print(f"quarantine: {quarantined} instance(s) in {settings.quarantine_dir}" + (f" ({kinds})" if kinds else ""))
     for name, counts in sorted(batches.items()):

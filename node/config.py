@@ -31,6 +31,7 @@ PROFILE_OPTIONS: tuple[str, ...] = (
     "clean_pixel_data",  # PS3.15 E.3.1 (113101): blank configured rectangles; not a Table E.1-1 column
 )
 BURNED_IN_POLICIES = ("reject", "quarantine", "pass", "ocr")
+ACK_MODES = ("deidentified", "received")  # when a C-STORE is answered Success (README: "When Success is sent")
 UNLISTED_POLICIES = ("keep", "remove")
 TLS_VERSIONS = ("1.2", "1.3")
 
@@ -168,6 +169,7 @@ class Settings:
     ocr_all_images: bool = False  # burned_in = "ocr": read every image, not only the suspect ones
     association_request_timeout: float = 5.0  # seconds from TCP connect to the A-ASSOCIATE-RQ
     max_pending_per_address: int = 8  # connections per peer address not yet associated
+    ack: str = "deidentified"  # "received": Success once the original is durable; de-identified after (settle.py)
     retention_sent_days: float = 0.0  # [retention] sent_days: queue rows of delivered instances kept; 0 = forever
     retention_staging_days: float = 0.0  # [retention] staging_days: finished batch-prepare folders kept; 0 = forever
 
@@ -178,6 +180,10 @@ class Settings:
     @property
     def incoming_dir(self) -> Path:
         return self.data_dir / "incoming"
+
+    @property
+    def received_dir(self) -> Path:
+        return self.data_dir / "received"
 
     @property
     def quarantine_dir(self) -> Path:
@@ -309,6 +315,7 @@ NODE_KEYS: dict[str, tuple[Any, Any, Check | None]] = {
     "tls": (dict, {}, None),
     "association_request_timeout": (NUMBER, 5.0, _positive),
     "max_pending_per_address": (int, 8, _positive),
+    "ack": (str, "deidentified", _one_of(*ACK_MODES)),
 }
 ANON_KEYS: dict[str, tuple[Any, Any, Check | None]] = {
     "profile_options": (list, [], _options),
@@ -564,6 +571,7 @@ def load(path: str | os.PathLike[str]) -> Settings:
         ocr_all_images=anon["ocr_all_images"],
         association_request_timeout=float(node["association_request_timeout"]),
         max_pending_per_address=node["max_pending_per_address"],
+        ack=node["ack"],
         retention_sent_days=float(retention["sent_days"]),
         retention_staging_days=float(retention["staging_days"]),
         stable_seconds=float(studies["stable_seconds"]),

@@ -101,11 +101,14 @@ QueueReader = Callable[[], dict[str, dict[str, Any]]]
 
 
 class QueueCollector:
-    """Queue depth and oldest pending age per destination, read from the store at scrape time."""
+    """Queue depth and oldest pending age per destination, read from the store at scrape time, and
+    the originals still waiting for de-identification."""
 
-    def __init__(self, read: QueueReader, destinations: tuple[str, ...]) -> None:
+    def __init__(self, read: QueueReader, destinations: tuple[str, ...],
+                 waiting: Callable[[], int] = lambda: 0) -> None:
         self.read = read
         self.destinations = destinations
+        self.waiting = waiting  # originals acknowledged on receipt, not de-identified yet (settle.py)
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         status = self.read()
@@ -120,6 +123,8 @@ class QueueCollector:
             oldest.add_metric([name], row.get("oldest_pending_age_s") or 0)
         yield depth
         yield oldest
+        yield GaugeMetricFamily(f"{PREFIX}_received_waiting", 'Originals acknowledged on receipt (ack = "received"), '
+                                "not de-identified yet", value=self.waiting())
 
 
 def exposition(queues: QueueCollector | None = None) -> bytes:

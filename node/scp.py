@@ -50,7 +50,8 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from node import log, net, tls
 from node.config import TLS, Settings
-from node.pipeline import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, Pipeline
+from node.pipeline import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, SUCCESS, Pipeline, is_out_of_space
+from node.settle import Received
 from node.store import Store
 
 #: Transfer syntaxes the node stores and forwards; pixel data is passed through, never decoded.
@@ -130,8 +131,11 @@ def _status(code: int, comment: str = "") -> Dataset:
     return status
 
 
-def make_store_handler(pipeline: Pipeline, data_dir: Path | None = None, min_free_bytes: int = 0) -> Any:
-    """The EVT_C_STORE handler: the response leaves only after it returns, so durability is decided here."""
+def make_store_handler(pipeline: Pipeline, data_dir: Path | None = None, min_free_bytes: int = 0,
+                       received: Received | None = None) -> Any:
+    """The EVT_C_STORE handler: the response leaves only after it returns, so durability is decided here.
+    By default the instance is de-identified, spooled and queued first; with `received` (ack =
+    "received") only the original is made durable, for the settler to de-identify."""
 
     def on_store(event: Any) -> Dataset:
         calling_aet = event.assoc.requestor.ae_title
@@ -143,11 +147,25 @@ def make_store_handler(pipeline: Pipeline, data_dir: Path | None = None, min_fre
             _log.warning("instance_refused", calling_aet=calling_aet, status="0xC210",
                          reason=f"unsupported transfer syntax {event.context.transfer_syntax}")
             return _status(CANNOT_UNDERSTAND, "transfer syntax not supported")
+        if received is not None:
+            return _keep(received, event.dataset_path, calling_aet, event.request.Priority or 0)
         outcome = pipeline.receive(event.dataset_path, calling_aet=calling_aet,
                                    priority=event.request.Priority or 0)
         return _status(outcome.status, outcome.comment)
 
     return on_store
+
+
+def _keep(received: Received, path: Path, calling_aet: str, priority: int) -> Dataset:
+    """ack = "received": Success once the original is durable in data_dir/received."""
+    try:
+        received.keep(path, calling_aet, priority)
+    except OSError as exc:
+        reason = "disk full" if is_out_of_space(exc) else f"storage error ({type(exc).__name__})"
+        _log.error("instance_not_stored", calling_aet=calling_aet, status="0xA700", reason=reason)
+        return _status(OUT_OF_RESOURCES, f"out of resources: {reason}")
+    _log.debug("instance_received", calling_aet=calling_aet)
+    return _status(SUCCESS)
 
 
 UNLIMITED = 1 << 30
@@ -308,7 +326,8 @@ def start(settings: Settings, pipeline: Pipeline, sockets: Mapping[int, socket.s
         (evt.EVT_ABORTED, _on_aborted),
         *[(event, gate.ended) for event in (evt.EVT_CONN_CLOSE, evt.EVT_REJECTED, evt.EVT_RELEASED,
                                             evt.EVT_ABORTED)],
-        (evt.EVT_C_STORE, make_store_handler(pipeline, settings.data_dir, settings.min_free_mb * 1024 * 1024)),
+        (evt.EVT_C_STORE, make_store_handler(pipeline, settings.data_dir, settings.min_free_mb * 1024 * 1024,
+                                             Received(settings.received_dir) if settings.ack == "received" else None)),
     ]
     plain = settings.tls is None or settings.tls.port != settings.port  # tls.port == port: TLS only
     servers: list[Any] = []

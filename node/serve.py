@@ -6,7 +6,8 @@ flight, clean the spool — then starts `[node] workers` worker processes, each 
 Storage SCP with its own pipeline and its own store connection, all accepting on
 the listening sockets the supervisor opened (the worker that is free takes the
 next association: net.listener), and runs the
-forwarders itself. Receiving and de-identifying are CPU-bound Python, so they get
+forwarders itself. With `[node] ack = "received"` one more child, the settler,
+de-identifies what the workers acknowledged on receipt (settle.py). Receiving and de-identifying are CPU-bound Python, so they get
 the cores; sending runs beside them instead of sharing one interpreter lock.
 
 SQLite (WAL, short transactions) is the only state the processes share; each
@@ -34,7 +35,7 @@ from pathlib import Path
 from multiprocessing.connection import Connection, wait
 from typing import Any, Callable, Sequence
 
-from node import __version__, config, log, metrics, net, returnpath
+from node import __version__, config, log, metrics, net, returnpath, settle
 from node.forward import Forwarder
 from node.retention import Retention
 from node.spool import Quarantine, Spool
@@ -107,6 +108,7 @@ def run(parts: Parts, stop: threading.Event) -> None:
     net.configure()
     sockets = _listen(settings)
     recovered = store.recover()
+    _settle_left(parts)
     spool = Spool(settings.spool_dir)
     spool.cleanup_tmp()
     quarantine = Quarantine(settings.quarantine_dir)
@@ -156,6 +158,20 @@ def run(parts: Parts, stop: threading.Event) -> None:
             sock.close()
     store.audit("node_stopped")
     logger.info("node_stopped")
+
+
+def _settle_left(parts: Parts) -> None:
+    """Originals a node with ack = "received" acknowledged and did not settle before it stopped,
+    when the node now runs with ack = "deidentified" (no settler): settled here, before it listens."""
+    received = settle.Received(parts.settings.received_dir)
+    if parts.settings.ack == "received" or not received.count():
+        return
+    pipeline, store = parts.open_worker(parts.settings, lambda: None)
+    try:
+        done = settle.Settler(pipeline, received, Quarantine(parts.settings.quarantine_dir), store).settle_all()
+    finally:
+        store.close()
+    log.get("node").info("received_settled", complete=done, waiting=received.count())
 
 
 def _gateway(parts: Parts, forwarders: Sequence[Any], pool: "_Workers") -> Any:
@@ -241,7 +257,8 @@ class _Workers:
     def __init__(self, parts: Parts, sockets: dict[int, socket.socket]) -> None:
         self.parts = parts
         self.sockets = sockets  # the listening sockets every worker inherits
-        count = parts.settings.workers
+        # the SCP workers, then with ack = "received" the settler (settle.py)
+        count = parts.settings.workers + (parts.settings.ack == "received")
         self.processes: list[Any] = [None] * count
         self.pipes: list[Connection | None] = [None] * count
         self.ready = [False] * count
@@ -264,8 +281,10 @@ class _Workers:
 
     def _spawn(self, index: int) -> None:
         reader, writer = _SPAWN.Pipe(duplex=False)
+        settler = index >= self.parts.settings.workers
         process = _SPAWN.Process(
-            target=_worker_main, name=f"telenode-worker-{index}", daemon=True,
+            target=_settler_main if settler else _worker_main,
+            name="telenode-settler" if settler else f"telenode-worker-{index}", daemon=True,
             args=(index, self.parts.settings, self.parts.open_worker, writer, os.getpid(), self.sockets),
         )
         process.start()
@@ -341,13 +360,14 @@ def _die_with_parent(supervisor: int) -> None:
         os._exit(1)
 
 
-def _worker_main(index: int, settings: config.Settings, open_worker: Callable[..., tuple[Any, Store]],
-                 pipe: Connection, supervisor: int, sockets: dict[int, socket.socket]) -> None:
-    """One SCP worker process: receive, de-identify, spool and record until SIGTERM."""
+def _child(name: str, settings: config.Settings, pipe: Connection,
+           supervisor: int) -> tuple[SignalStop, Callable[[bytes], None]]:
+    """What every child process does first: die with the supervisor, stop on SIGTERM, log as
+    `name`; returns the stop request and how to tell the supervisor something."""
     _die_with_parent(supervisor)
     stop = stop_on([signal.SIGTERM])
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C reaches the supervisor, which decides
-    log.configure(settings.log_format, settings.log_level, process=f"worker-{index}")
+    log.configure(settings.log_format, settings.log_level, process=name)
     lock = threading.Lock()  # C-STORE threads share the pipe
 
     def tell(message: bytes) -> None:
@@ -357,6 +377,30 @@ def _worker_main(index: int, settings: config.Settings, open_worker: Callable[..
             except OSError:  # the supervisor is gone; PR_SET_PDEATHSIG ends this process
                 pass
 
+    return stop, tell
+
+
+def _settler_main(index: int, settings: config.Settings, open_worker: Callable[..., tuple[Any, Store]],
+                  pipe: Connection, supervisor: int, sockets: dict[int, socket.socket]) -> None:
+    """ack = "received": the process that de-identifies what the SCP workers acknowledged on receipt."""
+    stop, tell = _child("settler", settings, pipe, supervisor)
+    try:
+        pipeline, store = open_worker(settings, lambda: tell(QUEUED))
+        settler = settle.Settler(pipeline, settle.Received(settings.received_dir),
+                                 Quarantine(settings.quarantine_dir), store)
+    except Exception as exc:  # noqa: BLE001 - reported to the supervisor, which exits with it
+        tell(FAILED + _describe(exc).encode("utf-8", "replace"))
+        return
+    tell(READY)
+    settler.run(stop)
+    store.close()
+
+
+def _worker_main(index: int, settings: config.Settings, open_worker: Callable[..., tuple[Any, Store]],
+                 pipe: Connection, supervisor: int, sockets: dict[int, socket.socket]) -> None:
+    """One SCP worker process until SIGTERM: receive, then de-identify, spool and record (by default)
+    or keep the original for the settler (ack = "received")."""
+    stop, tell = _child(f"worker-{index}", settings, pipe, supervisor)
     incoming = _incoming(settings, index)
     net.use_incoming_dir(incoming)  # where pynetdicom writes the data sets it receives
     try:

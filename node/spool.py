@@ -29,7 +29,8 @@ Writer = Callable[[BinaryIO], object]  # what it returns is ignored
 FAN_OUT = 256
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make the entries of folder `path` (a rename, a new name) durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -52,7 +53,7 @@ def atomic_write(target: Path, write: Writer, tmp_dir: Path | None = None) -> in
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(target.parent)
+    fsync_dir(target.parent)
     return size
 
 

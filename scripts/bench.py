@@ -127,11 +127,11 @@ PACES: dict[str, tuple[float, float]] = {}
 
 
 def run_telenode(run: Path, folders: list[Path], expected: int, workers: int | None = None,
-                 marker: bool = False) -> Result:
+                 marker: bool = False, ack: str = "") -> Result:
     remote = Remote(run / "remote", marker=marker)
     node = None
     try:
-        node = Telenode(run, remote.port, workers)
+        node = Telenode(run, remote.port, workers, ack)
         seconds = peers.send(node.port, "TELENODE", folders, remote.count, expected, [node.proc, remote.proc], run,
                              stall=600)
     except BenchError as exc:
@@ -329,11 +329,15 @@ def targets(rows: dict[str, Row], large_rows: dict[str, Row]) -> list[str]:
     """Issue 15's targets (one sender, CT+MR corpus, de-identification and fsync-before-Success on)."""
     large = large_rows.get("telenode")
     pss = max((p[3] for p in large.peaks), default=None) if large else None
-    return [
-        "targets (issue 15):",
-        target_line("telenode / Orthanc (b) anonymize+forward", ratio(rows["telenode"], rows["orthanc_b"]), 1.3),
-        target_line("telenode / Orthanc (a) forward only", ratio(rows["telenode"], rows["orthanc_a"]), 0.8),
-        target_line("telenode / bare pynetdicom SCP", ratio(rows["telenode"], rows["pyscp"]), 0.5),
+    lines = ["targets (issue 15):"]
+    for key, mode in (("telenode", 'default ack = "deidentified"'), ("received", 'ack = "received"')):
+        lines += [
+            f"  {mode}:",
+            target_line("  telenode / Orthanc (b) anonymize+forward", ratio(rows[key], rows["orthanc_b"]), 1.3),
+            target_line("  telenode / Orthanc (a) forward only", ratio(rows[key], rows["orthanc_a"]), 0.8),
+            target_line("  telenode / bare pynetdicom SCP", ratio(rows[key], rows["pyscp"]), 0.5),
+        ]
+    return lines + [
         target_line("two senders / one sender (telenode)", ratio(rows["two"], rows["telenode"]), 1.2),
         target_line("large instance: PSS of the node's tree", pss, 200, " MB", below=True),
     ]
@@ -389,6 +393,8 @@ def main(argv: list[str] | None = None) -> int:
             "two": Row("2 storescu → telenode → storescp", lambda r: run_telenode(r, halves, count)),
             "w1": Row("storescu → telenode (workers = 1) → storescp",
                       lambda r: run_telenode(r, [data], count, workers=1)),
+            "received": Row('storescu → telenode (ack = "received") → storescp',
+                            lambda r: run_telenode(r, [data], count, ack="received")),
             "orthanc_a": Row("storescu → Orthanc (a) forward → storescp",
                              lambda r: run_orthanc(r, [data], count, anonymize=False),
                              "" if have_orthanc else SKIPPED_ORTHANC),
@@ -424,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"corpus: {args.ct} CT 512x512x16 bit + {args.mr} MR 256x256x16 bit = {count} instances, "
           f"{megabytes:.0f} MB; {args.repeat} run(s) each; median (min–max)")
     print(f"{'':44} {'seconds':>22} {'images/s':>9} {'MB/s':>8}   peak memory MB: VmHWM, PSS of the tree; "
-          f"CPU ms per image (telenode: main = supervisor + forwarder, children = SCP workers)")
+          f"CPU ms per image (telenode: main = supervisor + forwarder, children = SCP workers and the settler)")
     for row in rows.values():
         print(row.line(count, megabytes))
     print("ratios of throughput (images/s), from the medians:")
@@ -434,6 +440,7 @@ def main(argv: list[str] | None = None) -> int:
     print(ratio_line("  telenode / Orthanc (b) anonymize+forward", rows["telenode"], rows["orthanc_b"]))
     print(ratio_line("  two senders / one sender (telenode)", rows["two"], rows["telenode"]))
     print(ratio_line("  workers auto / workers = 1 (telenode)", rows["telenode"], rows["w1"]))
+    print(ratio_line('  ack = "received" / default (telenode)', rows["received"], rows["telenode"]))
     if large_rows:
         print(f"large instance: {large_mb:.0f} MB, {frames} frames 512x512x16 bit, native; "
               f"peak RSS target < 200 MB")

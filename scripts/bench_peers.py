@@ -338,15 +338,16 @@ class PyScp:
 
 
 class Telenode:
-    """`python -m node serve` with its own config and data dir (default workers unless given)."""
+    """`python -m node serve` with its own config and data dir (default workers and ack unless given)."""
 
-    def __init__(self, run: Path, remote_port: int, workers: int | None = None) -> None:
+    def __init__(self, run: Path, remote_port: int, workers: int | None = None, ack: str = "") -> None:
         self.port = free_port()
         run.mkdir(parents=True, exist_ok=True)
         config = run / "telenode.toml"
         config.write_text("\n".join([
             "[node]", 'ae_title = "TELENODE"', 'host = "127.0.0.1"', f"port = {self.port}", 'data_dir = "var"',
-            'log_format = "json"', *([f"workers = {workers}"] if workers else []), "",
+            'log_format = "json"', *([f"workers = {workers}"] if workers else []),
+            *([f'ack = "{ack}"'] if ack else []), "",
             "[anonymization]", 'key_file = "var/pseudonym.key"', "",
             "[[destinations]]", 'name = "remote"', f'ae_title = "{REMOTE_AET}"', 'host = "127.0.0.1"',
             f"port = {remote_port}", ""]))

@@ -168,6 +168,15 @@ def test_workers_default_to_one_per_core_and_accept_an_integer(tmp_path):
             config.load(write(tmp_path, VALID.replace("[node]\n", f"[node]\nworkers = {bad}\n")))
 
 
+def test_ack_defaults_to_after_deidentification_and_accepts_received(tmp_path):
+    assert config.load(write(tmp_path, VALID)).ack == "deidentified"
+    received = config.load(write(tmp_path, VALID.replace("[node]\n", '[node]\nack = "received"\n')))
+    assert received.ack == "received" and received.received_dir == received.data_dir / "received"
+    for bad in ('"stored"', "true"):
+        with pytest.raises(config.ConfigError, match=r"node\.ack"):
+            config.load(write(tmp_path, VALID.replace("[node]\n", f"[node]\nack = {bad}\n")))
+
+
 def test_non_loopback_destination_without_tls_is_a_warning_not_an_error(tmp_path):
     remote = VALID.replace('host = "127.0.0.1"\nport = 11113', 'host = "pacs.example.org"\nport = 11113')
     warnings = config.load(write(tmp_path, remote)).warnings

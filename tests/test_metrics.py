@@ -18,11 +18,13 @@ def series(text: str) -> dict[str, float]:
             for line in text.splitlines() if line and not line.startswith("#")}
 
 
-def test_c_store_in_worker_processes_is_counted_by_the_gateway(make_http_node, make_storescp, tmp_path):
+@pytest.mark.parametrize("mode", ["workers = 2", 'ack = "received"'])
+def test_c_store_in_worker_processes_is_counted_by_the_gateway(make_http_node, make_storescp, tmp_path, mode):
+    """Two SCP workers, or (ack = "received") a worker and the settler: the counts come from other processes."""
     remote = make_storescp().start()
     node = make_http_node([(remote.ae_title, remote.port)])
-    with open(node.config, "r+") as handle:  # two SCP workers: the counts come from other processes
-        text = handle.read().replace('port = ', 'workers = 2\nport = ', 1)
+    with open(node.config, "r+") as handle:
+        text = handle.read().replace('port = ', f'{mode}\nport = ', 1)
         handle.seek(0)
         handle.write(text)
     node.start()
@@ -43,6 +45,7 @@ def test_c_store_in_worker_processes_is_counted_by_the_gateway(make_http_node, m
     assert values['telenode_instances_received_total{source="scp"}'] >= 4
     assert values['telenode_processing_seconds_count{source="scp"}'] == 4
     assert values['telenode_queue_depth{destination="remote0"}'] == 0
+    assert values["telenode_received_waiting"] == 0
     assert values['telenode_instances_failed_total{destination="remote0"}'] == 0
     assert len(list((node.folder / "var" / "metrics").glob("counter_*.db"))) >= 2, "one file per process"
     for name in values:  # labels carry sources and destination names only
@@ -51,9 +54,10 @@ def test_c_store_in_worker_processes_is_counted_by_the_gateway(make_http_node, m
 
 def test_queue_gauges_come_from_the_store_at_scrape_time():
     status = {"remote0": {"pending": 3, "inflight": 2, "oldest_pending_age_s": 41.5}}
-    collector = metrics.QueueCollector(lambda: status, ("remote0", "idle"))
+    collector = metrics.QueueCollector(lambda: status, ("remote0", "idle"), lambda: 7)
     text = metrics.exposition(collector).decode()
     values = series(text)
+    assert values["telenode_received_waiting"] == 7
     assert values['telenode_queue_depth{destination="remote0"}'] == 5
     assert values['telenode_queue_oldest_age_seconds{destination="remote0"}'] == 41.5
     assert values['telenode_queue_depth{destination="idle"}'] == 0

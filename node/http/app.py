@@ -11,6 +11,7 @@ from __future__ import annotations
 import hmac
 import time
 from dataclasses import dataclass
+from functools import partial
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
@@ -22,7 +23,7 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
-from node import __version__, config, log, metrics
+from node import __version__, config, log, metrics, settle
 from node.http import batches, page, stow, views
 from node.http.body import BadBody, Part, TooLarge, media_type, read_json, remove, save_body, save_parts
 from node.pipeline import CANNOT_DEIDENTIFY, Held, Pipeline, Rejected
@@ -145,7 +146,8 @@ async def healthz(ctx: Context, request: Request) -> Response:
 
 async def metrics_text(ctx: Context, request: Request) -> Response:
     names = tuple(d.name for d in ctx.settings.destinations)
-    body = await run_in_threadpool(metrics.exposition, metrics.QueueCollector(ctx.store.status, names))
+    waiting = partial(settle.waiting, ctx.settings.received_dir)
+    body = await run_in_threadpool(metrics.exposition, metrics.QueueCollector(ctx.store.status, names, waiting))
     return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
