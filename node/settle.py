@@ -16,6 +16,7 @@ before a kill may be written twice, which sends it once more (at least once, nev
 from __future__ import annotations
 
 import itertools
+from concurrent.futures import ThreadPoolExecutor
 import os
 import threading
 import time
@@ -31,6 +32,10 @@ from node.store import Store
 POLL = 0.05  # seconds between looks at an empty folder: an empty scandir costs microseconds
 FULL_PAUSE = 2.0  # seconds before the next try after the disk or the database was unavailable
 SUFFIX = ".dcm"
+# Instances settled at once. Each spends ~3 of its ~13 ms waiting for fsyncs and the SQLite commit;
+# concurrent ones overlap those waits with another's Python and share one commit (GroupCommit).
+# Measured on 600 CT, one sender, 4 alternating runs: medians 46 images/s with 1, 54 with 3.
+THREADS = 3
 
 
 @dataclass(frozen=True)
@@ -91,7 +96,7 @@ def waiting(root: str | os.PathLike[str]) -> int:
 
 
 class Settler:
-    """De-identifies the waiting originals through the pipeline, oldest first. An instance the
+    """De-identifies the waiting originals through the pipeline, oldest first, a few at once. An instance the
     pipeline refuses is quarantined, since its sender already has Success; one that hit a full
     disk or an unavailable database stays and is tried again."""
 
@@ -102,13 +107,16 @@ class Settler:
         self.store = store
         self.log = log.get("settle")
 
-    def run(self, stop: threading.Event) -> None:
-        """Settle until `stop` is set; the instance in hand is finished first."""
-        while not stop.is_set():
-            if not self.received.waiting():
-                stop.wait(POLL)
-            elif not self.settle_all(stop):
-                stop.wait(FULL_PAUSE)
+    def run(self, stop: threading.Event, threads: int = THREADS) -> None:
+        """Settle until `stop` is set, `threads` instances at a time; those in hand are finished first."""
+        with ThreadPoolExecutor(threads, thread_name_prefix="settle") as pool:
+            while not stop.is_set():
+                waiting = self.received.waiting()
+                if not waiting:
+                    stop.wait(POLL)
+                # every result is waited for: none of these may still be in hand at the next listing
+                elif not all(list(pool.map(lambda arrival: stop.is_set() or self.settle(arrival), waiting))):
+                    stop.wait(FULL_PAUSE)
 
     def settle_all(self, stop: threading.Event | None = None) -> bool:
         """Settle what waits now; False when one had to stay (disk full, database unavailable)."""
@@ -121,13 +129,18 @@ class Settler:
 
     def settle(self, arrival: Arrival) -> bool:
         """One original: queued or quarantined, then removed from the folder; False if it must stay.
-        One settler runs (serve.py), so no original is taken twice."""
+        One settler process runs (serve.py) and `run` hands each original to one thread, so none is
+        taken twice."""
         outcome = self.pipeline.receive(arrival.path, calling_aet=arrival.calling_aet, priority=arrival.priority)
         if outcome.status == OUT_OF_RESOURCES:
             return False
-        if not outcome.ok and not outcome.quarantine_id:
-            self._hold(arrival, outcome.status, outcome.comment)
-        arrival.path.unlink()
+        try:
+            if not outcome.ok and not outcome.quarantine_id:
+                self._hold(arrival, outcome.status, outcome.comment)
+            arrival.path.unlink()
+        except OSError as exc:  # the quarantine could not be written: the original waits
+            self.log.error("settle_failed", calling_aet=arrival.calling_aet, error=type(exc).__name__)
+            return False
         return True
 
     def _hold(self, arrival: Arrival, status: int, comment: str) -> None:

@@ -18,7 +18,8 @@ import pydicom
 import pytest
 
 from conftest import free_port, storescu, wait_for
-from node.pipeline import CANNOT_UNDERSTAND, Pipeline, Safeguards
+from node.pipeline import CANNOT_DEIDENTIFY, CANNOT_UNDERSTAND, Pipeline, Safeguards
+from node.release import Releaser
 from node.settle import Received, Settler
 from node.spool import Quarantine, Spool
 from node.store import Store
@@ -54,12 +55,12 @@ def test_kept_originals_are_moved_private_and_listed_oldest_first(tmp_path):
     assert received.count() == 2
 
 
-def _settler(root: Path) -> tuple[Settler, Store, Quarantine]:
-    store = Store(root / "telenode.sqlite")
-    quarantine = Quarantine(root / "quarantine")
-    pipeline = Pipeline(deidentifier(), store, Spool(root / "spool"), ["remote"], safeguards=Safeguards(),
-                        quarantine=quarantine)
-    return Settler(pipeline, Received(root / "received"), quarantine, store), store, quarantine
+def _settler(root: Path, safeguards: Safeguards | None = None) -> tuple[Settler, Store, Quarantine]:
+    pipeline = Pipeline(deidentifier(), Store(root / "telenode.sqlite"), Spool(root / "spool"), ["remote"],
+                        safeguards=safeguards or Safeguards(), quarantine=Quarantine(root / "quarantine"))
+    assert pipeline.quarantine is not None
+    settler = Settler(pipeline, Received(root / "received"), pipeline.quarantine, pipeline.store)
+    return settler, pipeline.store, pipeline.quarantine
 
 
 def test_settled_instances_are_queued_and_a_refusal_is_quarantined(tmp_path):
@@ -77,6 +78,31 @@ def test_settled_instances_are_queued_and_a_refusal_is_quarantined(tmp_path):
     assert entries[0].record["status"] == f"0x{CANNOT_UNDERSTAND:04X}"  # what the default mode answers
     assert quarantine.file(entries[0].id).read_bytes() == GARBAGE
     assert [e["quarantine_id"] for e in store.audit_records("quarantined")] == [entries[0].id]
+    store.close()
+
+
+def test_a_refusal_by_policy_can_be_released_once_the_policy_changes(tmp_path):
+    """burned_in = "reject" answers 0xC220 by default; after receipt the original is held instead,
+    and `quarantine retry` under a changed policy sends it on, as for any held original."""
+    root = tmp_path / "node"
+    settler, store, quarantine = _settler(root, Safeguards(burned_in="reject"))
+    study = make_study(tmp_path / "study", instances=1, series=1)
+    ultrasound = pydicom.dcmread(study.files[0])
+    ultrasound.Modality = "US"  # usually carries burned-in text
+    ultrasound.save_as(tmp_path / "us.dcm")
+    settler.received.keep(_received(tmp_path, "us", (tmp_path / "us.dcm").read_bytes()), "MODALITY", 0)
+    assert settler.settle_all() is True
+    [entry] = quarantine.entries()
+    assert entry.kind == "refused" and entry.record["status"] == f"0x{CANNOT_DEIDENTIFY:04X}"
+    assert "burned-in" in entry.reason
+    assert store.status().get("remote", {}).get("pending", 0) == 0  # never queued
+
+    passing = Pipeline(deidentifier(), store, Spool(root / "spool"), ["remote"],
+                       safeguards=Safeguards(burned_in="pass"), quarantine=quarantine)
+    released = Releaser(quarantine, store, Spool(root / "spool"), passing, ["remote"]).release(entry.id, "ops")
+    assert released.released, released.why
+    assert store.status()["remote"]["pending"] == 1
+    assert quarantine.count() == 0
     store.close()
 
 
@@ -113,6 +139,43 @@ def test_run_settles_what_arrives_and_stops_when_asked(tmp_path):
         thread.join(10)
     assert not thread.is_alive()
     assert store.status()["remote"]["pending"] == 1
+    store.close()
+
+
+def test_run_settles_a_few_at_once_and_each_original_once(tmp_path, monkeypatch):
+    """Three threads overlap one instance's fsyncs and commit with another's work; every original
+    goes through the pipeline exactly once."""
+    settler, store, _ = _settler(tmp_path / "node")
+    study = make_study(tmp_path / "study", instances=12, series=1)
+    for index, path in enumerate(study.files):
+        settler.received.keep(_received(tmp_path, f"s{index}", path.read_bytes()), "MODALITY", 0)
+    receive, lock = settler.pipeline.receive, threading.Lock()
+    seen: list[Path] = []
+    in_hand, most = set(), [0]
+
+    def counted(source, **kwargs):
+        with lock:
+            seen.append(Path(source))
+            in_hand.add(source)
+            most[0] = max(most[0], len(in_hand))
+        try:
+            return receive(source, **kwargs)
+        finally:
+            with lock:
+                in_hand.discard(source)
+
+    monkeypatch.setattr(settler.pipeline, "receive", counted)
+    stop = threading.Event()
+    thread = threading.Thread(target=settler.run, args=(stop, 3))
+    thread.start()
+    try:
+        assert wait_for(lambda: settler.received.count() == 0, 30)
+    finally:
+        stop.set()
+        thread.join(10)
+    assert len(seen) == 12 and len(set(seen)) == 12
+    assert most[0] > 1  # they did overlap
+    assert store.status()["remote"]["pending"] == 12
     store.close()
 
 
