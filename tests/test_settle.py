@@ -199,9 +199,9 @@ def test_ack_received_node_forwards_deidentified_and_quarantines_what_it_cannot_
     assert_no_identity(remote.files(), study.identifying_strings)
     assert all(pydicom.dcmread(p).PatientIdentityRemoved == "YES" for p in remote.files())
 
-    status = json.loads(node.cli("status", "--json", check=True).stdout)
     assert wait_for(lambda: json.loads(node.cli("status", "--json").stdout)["quarantine"] == 1, 10)
-    assert status["received"] == 0
+    status = json.loads(node.cli("status", "--json", check=True).stdout)
+    assert status["received"] == 0 and status["quarantine_by_kind"] == {"refused": 1}
     assert not os.listdir(node.folder / "var" / "received")
     assert node.stop() == 0
     assert len(remote.files()) == 6  # the unreadable one was never forwarded
