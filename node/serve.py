@@ -5,10 +5,11 @@ load and check the keys, migrate the store, recover what a killed node left in
 flight, clean the spool — then starts `[node] workers` worker processes, each a
 Storage SCP with its own pipeline and its own store connection, all accepting on
 the listening sockets the supervisor opened (the worker that is free takes the
-next association: net.listener), and runs the
-forwarders itself. With `[node] ack = "received"` one more child, the settler,
-de-identifies what the workers acknowledged on receipt (settle.py). Receiving and de-identifying are CPU-bound Python, so they get
-the cores; sending runs beside them instead of sharing one interpreter lock.
+next association: net.listener), and runs the forwarders itself. With
+`[node] ack = "received"` one more child, the settler, de-identifies what the
+workers acknowledged on receipt (settle.py). Receiving and de-identifying are
+CPU-bound Python, so they get the cores; sending runs beside them instead of
+sharing one interpreter lock.
 
 SQLite (WAL, short transactions) is the only state the processes share; each
 worker has one pipe to the supervisor, on which it says that it is ready (or why

@@ -16,10 +16,10 @@ before a kill may be written twice, which sends it once more (at least once, nev
 from __future__ import annotations
 
 import itertools
-from concurrent.futures import ThreadPoolExecutor
 import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator

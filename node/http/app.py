@@ -11,8 +11,8 @@ from __future__ import annotations
 import hmac
 import time
 from dataclasses import dataclass
-from functools import partial
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
