@@ -124,6 +124,7 @@ def run_pyscp(run: Path, folders: list[Path], expected: int) -> Result:
 
 #: Per run folder ("telenode-0", …): the node's pace from its own log, before the folder goes.
 PACES: dict[str, tuple[float, float]] = {}
+SPANS: dict[str, float] = {}  # run folder → seconds the senders' associations lasted (node's log)
 
 
 def run_telenode(run: Path, folders: list[Path], expected: int, workers: int | None = None,
@@ -143,7 +144,24 @@ def run_telenode(run: Path, folders: list[Path], expected: int, workers: int | N
     found = pace(run / "node.log")
     if found:
         PACES[run.name] = found
+    span = sender_span(run / "node.log")
+    if span:
+        SPANS[run.name] = span
     return seconds, peak
+
+
+def _events(log: Path, names: tuple[str, ...]) -> list[tuple[str, dict]]:
+    """(event, record) for the node's JSON log lines of the given events."""
+    found = []
+    for line in log.read_text(errors="replace").splitlines():
+        if not any(f'"{name}"' in line for name in names):
+            continue
+        try:
+            event = json.loads(line)
+            found.append((event["event"], event))
+        except (ValueError, KeyError):
+            continue
+    return found
 
 
 def pace(log: Path) -> tuple[float, float] | None:
@@ -152,11 +170,8 @@ def pace(log: Path) -> tuple[float, float] | None:
     instances stored. With one sender the difference is everything else on the critical path:
     pynetdicom's receive, the response, and the sender's next request."""
     stored, spent = [], []
-    for line in log.read_text(errors="replace").splitlines():
-        if '"instance_stored"' not in line:
-            continue
+    for _, event in _events(log, ("instance_stored",)):
         try:
-            event = json.loads(line)
             stored.append(datetime.fromisoformat(event["timestamp"].replace("Z", "+00:00")).timestamp())
             spent.append(float(event["ms"]))
         except (ValueError, KeyError):
@@ -166,6 +181,18 @@ def pace(log: Path) -> tuple[float, float] | None:
     stored.sort()
     gaps = [(later - earlier) * 1000 for earlier, later in zip(stored, stored[1:])]
     return statistics.median(spent), statistics.median(gaps)
+
+
+def sender_span(log: Path) -> float | None:
+    """Seconds from the first storescu association accepted (calling AE SENDER…) to the last one
+    released: how long the senders were busy, whatever the node still had to forward after."""
+    times: dict[str, list[float]] = {"association_accepted": [], "association_released": []}
+    for name, event in _events(log, tuple(times)):
+        if str(event.get("calling_aet", "")).startswith("SENDER") and "timestamp" in event:
+            times[name].append(datetime.fromisoformat(event["timestamp"].replace("Z", "+00:00")).timestamp())
+    if not times["association_accepted"] or not times["association_released"]:
+        return None
+    return max(times["association_released"]) - min(times["association_accepted"])
 
 
 def run_orthanc(run: Path, folders: list[Path], expected: int, anonymize: bool) -> Result:
@@ -280,6 +307,21 @@ class Row:
         med = self.median
         return (f"{self.label:44} {spread(self.seconds):>22} {count / med:9.1f} {megabytes / med:8.1f}   "
                 f"{rss_text(self.peaks)}  {cpu_text(self.peaks, count)}")
+
+
+def span_lines(rows: dict[str, Row], count: int) -> list[str]:
+    """How soon the senders were done (the node's log; medians): with ack = "received" they are
+    released before de-identification, so this is what a modality sees."""
+    lines = ["the senders' view: first association accepted to last released (the node's log; medians):"]
+    bare = rows["pyscp"].median
+    for key in ("telenode", "two", "w1", "received"):
+        found = [value for name, value in SPANS.items() if name.rsplit("-", 1)[0] == key]
+        if not found:
+            continue
+        span = statistics.median(found)
+        versus = f"   {bare / span:.2f}× the bare pynetdicom SCP" if bare else ""
+        lines.append(f"  {rows[key].label:44} {span:6.2f} s {count / span:9.1f} images/s{versus}")
+    return lines if len(lines) > 1 else []
 
 
 def pace_lines(rows: dict[str, Row], count: int) -> list[str]:
@@ -451,6 +493,8 @@ def main(argv: list[str] | None = None) -> int:
     for line in targets(rows, large_rows):
         print(line)
     for line in pace_lines(rows, count):
+        print(line)
+    for line in span_lines(rows, count):
         print(line)
     print(f"in process, per CT header ({len(per_step['parse'])} instances), ms:")
     for name, values in per_step.items():

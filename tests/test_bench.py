@@ -28,3 +28,22 @@ def test_pace_needs_a_few_instances(tmp_path):
     log = tmp_path / "node.log"
     log.write_text(json.dumps({"event": "instance_stored", "ms": 1.0, "timestamp": "2026-12-01T10:00:00Z"}) + "\n")
     assert bench.pace(log) is None
+
+
+def test_sender_span_is_first_storescu_association_to_last_release(tmp_path):
+    log = tmp_path / "node.log"
+    events = [("association_accepted", "TELENODE_HC", "09.000"), ("association_released", "TELENODE_HC", "09.100"),
+              ("association_accepted", "SENDER0", "10.000"), ("association_accepted", "SENDER1", "10.500"),
+              ("instance_stored", None, "11.000"), ("association_released", "SENDER1", "14.250"),
+              ("association_released", "SENDER0", "13.000"), ("association_released", "TELENODE_HC", "20.000")]
+    lines = [json.dumps({"event": name, **({"calling_aet": aet} if aet else {}),
+                         "timestamp": f"2026-12-01T10:00:{at}Z"}) for name, aet, at in events]
+    log.write_text("\n".join(lines) + "\n")
+    assert bench.sender_span(log) == 4.25  # SENDER0 accepted at 10.0, SENDER1 released at 14.25
+
+
+def test_sender_span_needs_a_sender(tmp_path):
+    log = tmp_path / "node.log"
+    log.write_text(json.dumps({"event": "association_accepted", "calling_aet": "ECHOSCU",
+                               "timestamp": "2026-12-01T10:00:00Z"}) + "\n")
+    assert bench.sender_span(log) is None
