@@ -51,6 +51,7 @@ import bench_peers as peers  # noqa: E402
 from bench_peers import BenchError, Orthanc, Peak, PyScp, Remote, Telenode  # noqa: E402
 
 SKIPPED_ORTHANC = "skipped: orthanc not installed (apt-get install orthanc)"
+WIDTH = 50  # of the label column
 
 
 # --- environment -------------------------------------------------------------------------------------
@@ -301,11 +302,11 @@ class Row:
 
     def line(self, count: int, megabytes: float) -> str:
         if self.skipped:
-            return f"{self.label:50} {self.skipped}"
+            return f"{self.label:{WIDTH}} {self.skipped}"
         if self.error or not self.seconds:
-            return f"{self.label:50} FAILED: {self.error.splitlines()[0] if self.error else 'no run'}"
+            return f"{self.label:{WIDTH}} FAILED: {self.error.splitlines()[0] if self.error else 'no run'}"
         med = self.median
-        return (f"{self.label:50} {spread(self.seconds):>22} {count / med:9.1f} {megabytes / med:8.1f}   "
+        return (f"{self.label:{WIDTH}} {spread(self.seconds):>22} {count / med:9.1f} {megabytes / med:8.1f}   "
                 f"{rss_text(self.peaks)}  {cpu_text(self.peaks, count)}")
 
 
@@ -320,7 +321,7 @@ def span_lines(rows: dict[str, Row], count: int) -> list[str]:
             continue
         span = statistics.median(found)
         versus = f"   {bare / span:.2f}× the bare pynetdicom SCP" if bare else ""
-        lines.append(f"  {rows[key].label:50} {span:6.2f} s {count / span:9.1f} images/s{versus}")
+        lines.append(f"  {rows[key].label:{WIDTH}} {span:6.2f} s {count / span:9.1f} images/s{versus}")
     return lines if len(lines) > 1 else []
 
 
@@ -333,22 +334,22 @@ def pace_lines(rows: dict[str, Row], count: int) -> list[str]:
             continue
         inside = statistics.median(f[0] for f in found)
         between = statistics.median(f[1] for f in found)
-        lines.append(f"  {rows[key].label:50} {between:6.2f} between instances = {inside:.2f} in the pipeline"
+        lines.append(f"  {rows[key].label:{WIDTH}} {between:6.2f} between instances = {inside:.2f} in the pipeline"
                      f" + {between - inside:.2f} receive, response and the sender's next request")
     bare = rows["pyscp"].median
     if bare:
-        lines.append(f"  {rows['pyscp'].label:50} {bare * 1000 / count:6.2f} per instance in all")
+        lines.append(f"  {rows['pyscp'].label:{WIDTH}} {bare * 1000 / count:6.2f} per instance in all")
     return lines if len(lines) > 1 else []
 
 
 def ratio_line(label: str, numerator: Row, denominator: Row) -> str:
     for row in (numerator, denominator):
         if row.skipped:
-            return f"{label:50} {row.skipped}"
+            return f"{label:{WIDTH}} {row.skipped}"
         if row.median is None:
-            return f"{label:50} n/a ({row.label} failed)"
+            return f"{label:{WIDTH}} n/a ({row.label} failed)"
     value = denominator.median / numerator.median  # throughput ratio = inverse time ratio
-    return f"{label:50} {value:8.2f}   ({numerator.median / denominator.median:.2f}× the time)"
+    return f"{label:{WIDTH}} {value:8.2f}   ({numerator.median / denominator.median:.2f}× the time)"
 
 
 def ratio(numerator: Row, denominator: Row) -> float | None:
@@ -361,9 +362,9 @@ def ratio(numerator: Row, denominator: Row) -> float | None:
 def target_line(label: str, value: float | None, goal: float, unit: str = "×", below: bool = False) -> str:
     """One of issue 15's targets: the measured value, the goal, and met / not met."""
     if value is None:
-        return f"  {label:48} {'n/a':>8}   target {'<' if below else '≥'} {goal:g}{unit}: not measured"
+        return f"  {label:{WIDTH - 2}} {'n/a':>8}   target {'<' if below else '≥'} {goal:g}{unit}: not measured"
     met = value < goal if below else value >= goal
-    return (f"  {label:48} {value:8.2f}{unit}  target {'<' if below else '≥'} {goal:g}{unit}: "
+    return (f"  {label:{WIDTH - 2}} {value:8.2f}{unit}  target {'<' if below else '≥'} {goal:g}{unit}: "
             f"{'met' if met else 'NOT met'}")
 
 
@@ -471,7 +472,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{load_at_start} at the start (2 cores: other work on the machine slows every row)")
     print(f"corpus: {args.ct} CT 512x512x16 bit + {args.mr} MR 256x256x16 bit = {count} instances, "
           f"{megabytes:.0f} MB; {args.repeat} run(s) each; median (min–max)")
-    print(f"{'':50} {'seconds':>22} {'images/s':>9} {'MB/s':>8}   peak memory MB: VmHWM, PSS of the tree; "
+    print(f"{'':{WIDTH}} {'seconds':>22} {'images/s':>9} {'MB/s':>8}   peak memory MB: VmHWM, PSS of the tree; "
           f"CPU ms per image (telenode: main = supervisor + forwarder, children = SCP workers and the settler)")
     for row in rows.values():
         print(row.line(count, megabytes))
@@ -498,7 +499,7 @@ def main(argv: list[str] | None = None) -> int:
         print(line)
     print(f"in process, per CT header ({len(per_step['parse'])} instances), ms:")
     for name, values in per_step.items():
-        print(f"  {name:48} {spread(values):>22}")
+        print(f"  {name:{WIDTH - 2}} {spread(values):>22}")
     failed = [r for r in [*rows.values(), *large_rows.values()] if r.error]
     return 1 if failed else 0
 
