@@ -169,7 +169,7 @@ def _settle_left(parts: Parts) -> None:
         return
     pipeline, store = parts.open_worker(parts.settings, lambda: None)
     try:
-        done = settle.Settler(pipeline, received, Quarantine(parts.settings.quarantine_dir), store).settle_all()
+        done = settle.for_node(parts.settings, pipeline, store).settle_all()
     finally:
         store.close()
     log.get("node").info("received_settled", complete=done, waiting=received.count())
@@ -286,7 +286,8 @@ class _Workers:
         process = _SPAWN.Process(
             target=_settler_main if settler else _worker_main,
             name="telenode-settler" if settler else f"telenode-worker-{index}", daemon=True,
-            args=(index, self.parts.settings, self.parts.open_worker, writer, os.getpid(), self.sockets),
+            # the settler accepts nothing: it does not hold the listening sockets
+            args=(index, self.parts.settings, self.parts.open_worker, writer, os.getpid(), {} if settler else self.sockets),
         )
         process.start()
         writer.close()  # the worker holds the only write end: end of file = the worker is gone
@@ -387,8 +388,7 @@ def _settler_main(index: int, settings: config.Settings, open_worker: Callable[.
     stop, tell = _child("settler", settings, pipe, supervisor)
     try:
         pipeline, store = open_worker(settings, lambda: tell(QUEUED))
-        settler = settle.Settler(pipeline, settle.Received(settings.received_dir),
-                                 Quarantine(settings.quarantine_dir), store)
+        settler = settle.for_node(settings, pipeline, store)
     except Exception as exc:  # noqa: BLE001 - reported to the supervisor, which exits with it
         tell(FAILED + _describe(exc).encode("utf-8", "replace"))
         return

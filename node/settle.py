@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Iterator
 
 from node import log
+from node.config import Settings
 from node.pipeline import OUT_OF_RESOURCES, Pipeline
 from node.spool import Quarantine, fsync_dir
 from node.store import Store
@@ -88,6 +89,11 @@ class Received:
                 yield Arrival(Path(entry.path), bytes.fromhex(parts[4]).decode(), int(parts[3]))
             except ValueError:
                 continue  # not a name keep() wrote
+
+
+def for_node(settings: Settings, pipeline: Pipeline, store: Store) -> Settler:
+    """The settler of the node `settings` describes, with the pipeline and store of its process."""
+    return Settler(pipeline, Received(settings.received_dir), Quarantine(settings.quarantine_dir), store)
 
 
 def waiting(root: str | os.PathLike[str]) -> int:
